@@ -1,0 +1,36 @@
+# make train: install, then train on the embedded phantom data. make test: install, then test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 5000
+MLFLOW_DB ?= sqlite:///mlflow.db
+
+.PHONY: install train test test-all lint ui bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+train: install
+	$(BIN)/python -m medx.train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -x -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check medx tests benchmarks
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port $(PORT)
+
+bench: install
+	$(BIN)/python benchmarks/default_run.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

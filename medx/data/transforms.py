@@ -1,0 +1,54 @@
+"""Train augmentations and eval transforms for uint8 RGB images (HxWx3 NumPy arrays).
+
+Presets are deliberately mild: chest X-rays have a canonical orientation (heart on the
+patient's left), so no flips; small crops, rotations and exposure changes mimic positioning
+and acquisition differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from medx.errors import ConfigError
+
+
+def _augmentations(preset: str, size: int) -> list[v2.Transform]:
+    presets: dict[str, list[v2.Transform]] = {
+        "none": [v2.Resize((size, size), antialias=True)],
+        "light": [
+            v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomAffine(degrees=7),
+            v2.ColorJitter(brightness=0.1, contrast=0.1),
+        ],
+        "strong": [
+            v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15), antialias=True),
+            v2.RandomAffine(degrees=15, translate=(0.08, 0.08), scale=(0.9, 1.1)),
+            v2.ColorJitter(brightness=0.25, contrast=0.25),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
+        ],
+    }
+    if preset not in presets:
+        raise ConfigError(f"Unknown data.augment={preset!r}; choices: {', '.join(presets)}.")
+    return presets[preset]
+
+
+class ImageTransform:
+    """From an HxWx3 uint8 array to a normalised CxHxW float tensor (picklable for workers)."""
+
+    def __init__(
+        self, size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"
+    ) -> None:
+        self.steps = v2.Compose(
+            [
+                *_augmentations(augment, size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(mean), std=list(std)),
+            ]
+        )
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.steps(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))

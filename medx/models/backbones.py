@@ -1,0 +1,149 @@
+"""Backbone factory: a name in, a timm model with a new head and its layer groups out.
+
+Every architecture goes through `timm.create_model`, so ImageNet weights, local weight files
+and layer grouping work the same way for all of them. `blocks` lists the backbone's parameter
+groups from input to output (timm's coarse `group_matcher`: stem, stage 1, ..., stage N); the
+training strategies freeze or unfreeze them by position.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from medx.errors import ConfigError, MedxError
+
+log = logging.getLogger(__name__)
+
+# medx names → timm names. Any other timm architecture name is accepted as well.
+BACKBONES: dict[str, str] = {
+    "densenet121": "densenet121",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "vgg16": "vgg16",
+    "efficientnet_b0": "efficientnet_b0",
+    "test_resnet": "test_resnet",  # ~0.4 M parameters: for tests and smoke runs
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UNIT_MEAN = (0.5, 0.5, 0.5)
+UNIT_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class Backbone:
+    """A classifier network plus what strategies and transforms need to know about it."""
+
+    model: nn.Module
+    blocks: list[list[str]]  # parameter names per block, input → output, head excluded
+    head: list[str]  # parameter names of the new classification head
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    drop_rate: float = 0.0,
+) -> Backbone:
+    """Build `name` with a fresh `num_classes` head; ImageNet or local weights optional."""
+    arch = _timm_name(name)
+    if pretrained and weights:
+        raise ConfigError(
+            "Set either model.pretrained=true (download ImageNet weights) or "
+            "model.weights=/path/to/file (local weights), not both."
+        )
+    model = _create(arch, num_classes, pretrained, drop_rate)
+    if weights:
+        load_weights(model, Path(weights))
+    head = _param_names(model, model.get_classifier())
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    blocks = [[n for n in names if n not in head] for names in groups.values()]
+    normalised = pretrained or bool(weights)
+    return Backbone(
+        model=model,
+        blocks=[b for b in blocks if b],
+        head=sorted(head),
+        mean=IMAGENET_MEAN if normalised else UNIT_MEAN,
+        std=IMAGENET_STD if normalised else UNIT_STD,
+    )
+
+
+def _timm_name(name: str) -> str:
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if timm.is_model(name):
+        return name
+    raise ConfigError(
+        f"Unknown backbone model.backbone={name!r}. medx choices: {', '.join(BACKBONES)} "
+        "(or any timm architecture name, see timm.list_models())."
+    )
+
+
+def _create(arch: str, num_classes: int, pretrained: bool, drop_rate: float) -> nn.Module:
+    try:
+        return timm.create_model(
+            arch, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate
+        )
+    except (OSError, RuntimeError) as err:  # huggingface_hub raises OSError subclasses offline
+        if not pretrained:
+            raise
+        raise MedxError(
+            f"Could not download ImageNet weights for {arch!r} ({type(err).__name__}: {err}). "
+            "Without internet access, train from scratch with model.pretrained=false, or load "
+            "a local timm/torchvision state dict with model.pretrained=false "
+            "model.weights=/path/to/weights.pth."
+        ) from err
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a local timm or torchvision state dict; the classifier head is left new."""
+    if not path.is_file():
+        raise ConfigError(f"model.weights={path} does not exist: give a local .pth/.pt file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MedxError(f"model.weights={path} is not a readable PyTorch file: {err}") from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    head = _param_names(model, model.get_classifier())
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k not in head and k in own}
+    mismatched = [k for k, v in state.items() if v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in head and _is_weight(k)]
+    if mismatched or missing:
+        bad = (mismatched + missing)[:5]
+        raise MedxError(
+            f"model.weights={path} does not fit {type(model).__name__} "
+            f"({len(missing)} missing, {len(mismatched)} wrong-shape tensors, e.g. {bad}). "
+            "Use a state dict of the same architecture as model.backbone."
+        )
+    model.load_state_dict(state, strict=False)
+    log.info("Loaded %d tensors from %s", len(state), path)
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "model."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _is_weight(key: str) -> bool:
+    return not key.endswith("num_batches_tracked")
+
+
+def _param_names(model: nn.Module, module: nn.Module) -> set[str]:
+    ids = {id(p) for p in module.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}

@@ -1,0 +1,157 @@
+"""Image classification LightningModule: backbone from the factory, strategy, metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import AUROC, Accuracy, F1Score, MetricCollection, Recall, Specificity
+
+from medx.models.backbones import create_backbone
+from medx.models.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+Optimizer = Callable[..., torch.optim.Optimizer]
+Scheduler = Callable[[torch.optim.Optimizer], Any]
+
+
+def inverse_frequency_weights(counts: Sequence[int]) -> torch.Tensor:
+    """w_c = (1/n_c) / sum_k(1/n_k) * K: mean weight 1, rare classes count more."""
+    inv = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+    return (inv / inv.sum() * len(counts)).float()
+
+
+class ClassificationModule(L.LightningModule):
+    """Transfer-learning classifier; binary tasks treat class index 1 as positive."""
+
+    task = "classification"
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        pretrained: bool = False,
+        weights: str | None = None,
+        drop_rate: float = 0.0,
+        class_weights: bool = False,
+        class_counts: Sequence[int] | None = None,
+        strategy: Strategy | dict | None = None,
+        optimizer: Optimizer | None = None,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        super().__init__()
+        strategy = Strategy(**strategy) if isinstance(strategy, dict) else strategy or Strategy()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "strategy"], logger=False)
+        self.hparams["strategy"] = asdict(strategy)
+        self.strategy = strategy
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.scheduler_factory = scheduler
+        spec = create_backbone(backbone, num_classes, pretrained, weights, drop_rate)
+        self.net, self.blocks, self.head = spec.model, spec.blocks, spec.head
+        self.mean, self.std = spec.mean, spec.std
+        self._param_groups = strategy.apply(self.net, self.blocks, self.head)
+        if strategy.unfreeze_last is not None and not (pretrained or weights):
+            log.warning(
+                "strategy=%s freezes backbone blocks, but the backbone is randomly initialised "
+                "(model.pretrained=false, no model.weights): frozen blocks stay random.",
+                strategy.name,
+            )
+        weight = None
+        if class_weights:
+            if class_counts is None:
+                raise ValueError("model.class_weights=true needs the training class counts")
+            weight = inverse_frequency_weights(class_counts)
+            log.info("class weights %s from counts %s", weight.tolist(), list(class_counts))
+        self.register_buffer("loss_weight", weight, persistent=False)
+        self.val_metrics = _metrics(num_classes, ["acc", "auroc"], "val/")
+        self.test_metrics = _metrics(
+            num_classes, ["acc", "auroc", "f1", "sensitivity", "specificity"], "test/"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> ClassificationModule:
+        """Keep frozen blocks in eval mode (BatchNorm statistics frozen too)."""
+        super().train(mode)
+        if mode:
+            for module in Strategy.frozen_modules(self.net):
+                module.eval()
+        return self
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, weight=self.loss_weight)
+        return loss, _scores(logits), y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _, y = self._step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, scores, y = self._step(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.val_metrics.update(scores, y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss, scores, y = self._step(batch)
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
+        self.test_metrics.update(scores, y)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.softmax(self(batch[0]), dim=1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self._param_groups)
+        for group in optimizer.param_groups:  # the strategy's lower backbone LR
+            group["lr"] *= group["lr_scale"]
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+        }
+
+
+def _scores(logits: torch.Tensor) -> torch.Tensor:
+    """Positive-class probability for binary tasks, class probabilities otherwise."""
+    probs = torch.softmax(logits.float(), dim=1)
+    return probs[:, 1] if probs.shape[1] == 2 else probs
+
+
+def _metrics(num_classes: int, names: list[str], prefix: str) -> MetricCollection:
+    kind = {"task": "binary"} if num_classes == 2 else {
+        "task": "multiclass", "num_classes": num_classes, "average": "macro"
+    }
+    build: dict[str, type[nn.Module]] = {
+        "acc": Accuracy,
+        "auroc": AUROC,
+        "f1": F1Score,
+        "sensitivity": Recall,
+        "specificity": Specificity,
+    }
+    metrics = {}
+    for name in names:
+        args = dict(kind)
+        if name == "acc" and num_classes > 2:
+            args["average"] = "micro"
+        metrics[name] = build[name](**args)
+    return MetricCollection(metrics, prefix=prefix)

@@ -1,0 +1,99 @@
+"""MLflow tracking: one run per training job, flat params, config artifacts, honest status.
+
+Lightning's MLFlowLogger does the metric logging; this module adds what a comparable,
+reproducible run needs around it: dotted params (never nested dict dumps), the resolved config
+and the Hydra overrides as artifacts, the git commit, and FAILED status when anything crashes,
+also outside `trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 500  # older MLflow servers reject longer values; the YAML artifact has all
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} → {"a.b": "1"}; `_partial_` markers dropped, long values truncated."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        if key == "_partial_":
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = str(value)
+            flat[name] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+    return flat
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the code that ran (medx's own checkout), if it is a git checkout."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
+    return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
+
+
+def start_run(logger: MLFlowLogger, cfg: DictConfig, output_dir: Path, overrides: list[str]) -> None:
+    """Create the MLflow run now (not lazily), so even a crash during data setup is recorded."""
+    client, run_id = logger.experiment, logger.run_id
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger.log_hyperparams(flatten({k: v for k, v in resolved.items() if k != "hydra"}))
+    commit = git_commit()
+    tags = {"medx.output_dir": str(output_dir), "mlflow.source.name": "medx.train"}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_file = output_dir / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    overrides_file = output_dir / "overrides.yaml"
+    overrides_file.write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    for path in (config_file, overrides_file):
+        client.log_artifact(run_id, str(path))
+    log.info("MLflow run %s in %s (%s)", run_id, logger._tracking_uri, logger.name)
+
+
+def log_artifacts(loggers: list[Logger], paths: list[Path]) -> None:
+    for logger in mlflow_loggers(loggers):
+        for path in paths:
+            logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def log_params(loggers: list[Logger], params: Mapping[str, Any]) -> None:
+    for logger in mlflow_loggers(loggers):
+        logger.log_hyperparams(flatten(params))
+
+
+@contextmanager
+def failed_on_error(loggers: list[Logger]) -> Iterator[None]:
+    """Mark the MLflow run FAILED (KILLED on Ctrl-C) when the body raises, then re-raise."""
+    try:
+        yield
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        for logger in mlflow_loggers(loggers):
+            if logger.run_id:
+                logger.experiment.set_terminated(logger.run_id, status)
+        raise
