@@ -34,7 +34,8 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             flat.update(flatten(value, f"{name}."))
         else:
             text = str(value)
-            flat[name] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+            too_long = len(text) > MAX_PARAM_LENGTH
+            flat[name] = text[: MAX_PARAM_LENGTH - 3] + "..." if too_long else text
     return flat
 
 
@@ -54,11 +55,13 @@ def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
     return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
 
 
-def start_run(logger: MLFlowLogger, cfg: DictConfig, output_dir: Path, overrides: list[str]) -> None:
+def start_run(
+    logger: MLFlowLogger, cfg: DictConfig, output_dir: Path, overrides: list[str]
+) -> None:
     """Create the MLflow run now (not lazily), so even a crash during data setup is recorded."""
     client, run_id = logger.experiment, logger.run_id
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger.log_hyperparams(flatten({k: v for k, v in resolved.items() if k != "hydra"}))
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own section
+    logger.log_hyperparams(flatten(OmegaConf.to_container(job, resolve=True)))
     commit = git_commit()
     tags = {"medx.output_dir": str(output_dir), "mlflow.source.name": "medx.train"}
     if commit:
@@ -67,7 +70,7 @@ def start_run(logger: MLFlowLogger, cfg: DictConfig, output_dir: Path, overrides
         client.set_tag(run_id, key, value)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_file = output_dir / "config.yaml"
-    config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_file.write_text(OmegaConf.to_yaml(job, resolve=True))
     overrides_file = output_dir / "overrides.yaml"
     overrides_file.write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     for path in (config_file, overrides_file):
@@ -87,13 +90,21 @@ def log_params(loggers: list[Logger], params: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def failed_on_error(loggers: list[Logger]) -> Iterator[None]:
-    """Mark the MLflow run FAILED (KILLED on Ctrl-C) when the body raises, then re-raise."""
+def run_status(loggers: list[Logger]) -> Iterator[None]:
+    """End the MLflow run FINISHED, or FAILED (KILLED on Ctrl-C) when the body raises.
+
+    Lightning ends runs itself only inside `trainer.fit`/`test`, and not at all under
+    fast_dev_run; a crash in data setup or after testing must not leave a run RUNNING.
+    """
     try:
         yield
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        for logger in mlflow_loggers(loggers):
-            if logger.run_id:
-                logger.experiment.set_terminated(logger.run_id, status)
+        _terminate(loggers, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+    _terminate(loggers, "FINISHED")
+
+
+def _terminate(loggers: list[Logger], status: str) -> None:
+    for logger in mlflow_loggers(loggers):
+        if logger.run_id:
+            logger.experiment.set_terminated(logger.run_id, status)

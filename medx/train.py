@@ -26,7 +26,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     loggers = _loggers(cfg)
-    with tracking.failed_on_error(loggers):
+    with tracking.run_status(loggers):
         for logger in tracking.mlflow_loggers(loggers):
             tracking.start_run(logger, cfg, output_dir, _overrides())
         datamodule = instantiate(cfg.data, _convert_="object")
@@ -65,8 +65,8 @@ def _overrides() -> list[str]:
 def _data_summary(datamodule: L.LightningDataModule) -> dict:
     counts = datamodule.class_counts
     return {
-        "data.classes": ",".join(datamodule.classes),
-        "data.counts": {s: dict(zip(datamodule.classes, c, strict=True)) for s, c in counts.items()},
+        "dataset.classes": ",".join(datamodule.classes),
+        "dataset.counts": {s: dict(zip(datamodule.classes, c, strict=True)) for s, c in counts.items()},
     }
 
 

@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from omegaconf import DictConfig, open_dict
+
+from medx.config import compose
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +28,59 @@ def medx_data() -> Path:
     if not root.is_dir():
         pytest.fail(f"MEDX_DATA={value} is set but is not a folder; point it at the data folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def phantom_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One phantom cache for the whole session: generated once, reused by every test."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, phantom_cache: Path, monkeypatch: pytest.MonkeyPatch):
+    """Compose the real train config with test-sized overrides, as `medx.train` would run it.
+
+    Everything a run writes (outputs, the sqlite MLflow store) goes under tmp_path; the phantom
+    is small (60 patients, 64 px) and the network tiny (timm's test_resnet).
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+    def make(*overrides: str) -> DictConfig:
+        phantom = [] if any(o.startswith("data=") for o in overrides) else ["data.n_patients=60"]
+        cfg = compose(
+            [
+                f"paths.root_dir={tmp_path}",
+                f"paths.cache_dir={phantom_cache}",
+                "model.backbone=test_resnet",
+                *phantom,
+                "data.image_size=64",
+                "data.num_workers=0",
+                "callbacks.rich_progress_bar=null",
+                "trainer.enable_progress_bar=false",
+                "trainer.max_epochs=2",
+                *overrides,
+            ]
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def mlflow_client(tmp_path: Path) -> MlflowClient:
+    """A client on the sqlite store that `make_cfg` runs log to."""
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+@pytest.fixture
+def tracked_runs(mlflow_client: MlflowClient):
+    """All MLflow runs of an experiment in the test store, newest first."""
+
+    def runs(experiment: str = "medx") -> list[Run]:
+        found = mlflow_client.get_experiment_by_name(experiment)
+        return mlflow_client.search_runs([found.experiment_id]) if found else []
+
+    return runs

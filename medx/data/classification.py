@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from medx.data.io import list_images, read_image, verify_images
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
 from medx.data.phantom import ensure_phantom
-from medx.data.splits import patient_id, split_by_patient
+from medx.data.splits import patient_ids, split_by_patient
 from medx.data.transforms import ImageTransform
 from medx.errors import ConfigError, DataError
 
@@ -156,7 +156,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 )
             samples.paths += paths
             samples.labels += [label] * len(paths)
-            samples.patients += [patient_id(p, self.patient_pattern) for p in paths]
+            samples.patients += patient_ids(paths, self.patient_pattern)
         return samples
 
     def _log_counts(self) -> None:

@@ -86,6 +86,9 @@ class ClassificationModule(L.LightningModule):
                 module.eval()
         return self
 
+    def on_train_epoch_start(self) -> None:
+        self.train()  # Lightning leaves module modes alone; re-assert the frozen blocks' eval
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         x, y = batch
         logits = self(x)
