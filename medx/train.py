@@ -9,13 +9,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from medx import tracking
 from medx.config import config_dir
-from medx.errors import MedxError
+from medx.errors import ConfigError, MedxError
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +29,45 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with tracking.run_status(loggers):
         for logger in tracking.mlflow_loggers(loggers):
             tracking.start_run(logger, cfg, output_dir, _overrides())
+        _check_task(cfg)
         datamodule = instantiate(cfg.data, _convert_="object")
         datamodule.setup("fit")
         model = instantiate(
             cfg.model,
-            num_classes=datamodule.num_classes,
-            class_counts=datamodule.class_counts["train"],
+            **datamodule.model_kwargs(),
             strategy=cfg.strategy,
             optimizer=cfg.optimizer,
             scheduler=cfg.get("scheduler"),
             _convert_="object",  # plain lists/dicts: checkpoints load with weights_only
         )
         datamodule.mean, datamodule.std = model.mean, model.std
-        tracking.log_params(loggers, _data_summary(datamodule))
+        tracking.log_params(loggers, datamodule.summary())
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test", True):
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            best = (
+                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            )
             log.info("Testing %s", best or "the final weights (no checkpoint was saved)")
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
             metrics.update(trainer.callback_metrics)
-    return {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    _report(cfg, metrics, trainer, loggers)
+    return metrics
+
+
+def _report(
+    cfg: DictConfig, metrics: dict[str, float], trainer: L.Trainer, loggers: list[Logger]
+) -> None:
+    callback = trainer.checkpoint_callback
+    best = callback.best_model_score if callback is not None else None
+    lines = [f"{cfg.monitor} best {float(best):.4f}" if best is not None else ""]
+    lines += [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
+    for logger in tracking.mlflow_loggers(loggers):
+        lines.append(f"MLflow run {logger.run_id} ({logger._tracking_uri})")
+    log.info("Done in %s\n  %s", cfg.paths.output_dir, "\n  ".join(x for x in lines if x))
 
 
 def _loggers(cfg: DictConfig) -> list[Logger]:
@@ -62,12 +78,17 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _data_summary(datamodule: L.LightningDataModule) -> dict:
-    counts = datamodule.class_counts
-    return {
-        "dataset.classes": ",".join(datamodule.classes),
-        "dataset.counts": {s: dict(zip(datamodule.classes, c, strict=True)) for s, c in counts.items()},
-    }
+def _check_task(cfg: DictConfig) -> None:
+    """model and data must be of one task family: say so now, not as a shape error later."""
+    model_task = get_class(cfg.model._target_).task
+    data_task = get_class(cfg.data._target_).task
+    if model_task != data_task:
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        raise ConfigError(
+            f"model={choices.get('model', cfg.model._target_)} is a {model_task} model but "
+            f"data={choices.get('data', cfg.data._target_)} is {data_task} data: pick a "
+            f"{model_task} data set or a {data_task} model."
+        )
 
 
 def user_error(err: BaseException) -> MedxError | None:

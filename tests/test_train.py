@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from medx.errors import DataError
+from medx.data.classification import PhantomDataModule
+from medx.errors import ConfigError, DataError
 from medx.train import train
 
 
@@ -88,8 +89,22 @@ def test_real_chest_xrays_are_tracked_in_mlflow(
 def test_a_crashed_run_is_failed_in_mlflow(make_cfg, tracked_runs, tmp_path: Path):
     cfg = make_cfg("data=pneumonia", f"data.root={tmp_path / 'nowhere'}")
 
-    with pytest.raises(DataError, match="data.root=.*does not exist.*Kermany"):
+    with pytest.raises(DataError, match=r"data\.root=.*does not exist.*Kermany"):
         train(cfg)
 
     (run,) = tracked_runs()
     assert run.info.status == "FAILED"
+
+
+class SegmentationLikeData(PhantomDataModule):
+    """Stands for any data family whose model is not a classifier."""
+
+    task = "segmentation"
+
+
+def test_model_and_data_of_different_tasks_is_a_config_error(make_cfg):
+    cfg = make_cfg()
+    cfg.data._target_ = f"{__name__}.SegmentationLikeData"
+
+    with pytest.raises(ConfigError, match=r"classification model but data=.* is segmentation"):
+        train(cfg)

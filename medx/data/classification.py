@@ -103,12 +103,29 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.setup()
         return {s: self.splits[s].counts(self.num_classes) for s in SPLITS}
 
+    def model_kwargs(self) -> dict:
+        """What the classification model needs to know about the data."""
+        return {"num_classes": self.num_classes, "class_counts": self.class_counts["train"]}
+
+    def summary(self) -> dict:
+        """Logged to MLflow: class names and per-split class counts."""
+        counts = self.class_counts
+        return {
+            "dataset.classes": ",".join(self.classes),
+            "dataset.counts": {
+                s: dict(zip(self.classes, c, strict=True)) for s, c in counts.items()
+            },
+        }
+
     def resolve_root(self) -> Path:
         """The directory to read; subclasses may generate or download it first."""
         if self.root is None or not self.root.is_dir():
             raise DataError(
                 f"data.root={self.root} does not exist (data={self.name}). "
-                + (self.download_hint or "Point data.root at a folder with one subfolder per class.")
+                + (
+                    self.download_hint
+                    or "Point data.root at a folder with one subfolder per class."
+                )
             )
         return self.root
 
@@ -164,7 +181,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             counts = self.splits[split].counts(len(self.classes))
             patients = len(set(self.splits[split].patients))
             log.info(
-                "%s %-5s %5d images, %4d patients: %s", self.name, split, sum(counts), patients,
+                "%s %-5s %5d images, %4d patients: %s",
+                self.name,
+                split,
+                sum(counts),
+                patients,
                 ", ".join(f"{c}={n}" for c, n in zip(self.classes, counts, strict=True)),
             )
 
@@ -217,12 +238,29 @@ class PhantomDataModule(ImageFolderDataModule):
         super().__init__(root=None, **kwargs)
         self.cache_dir = Path(cache_dir)
         self.phantom = dict(
-            n_patients=n_patients, images_per_patient=images_per_patient, size=size,
-            prevalence=prevalence, seed=generator_seed,
+            n_patients=n_patients,
+            images_per_patient=images_per_patient,
+            size=size,
+            prevalence=prevalence,
+            seed=generator_seed,
         )
 
     def prepare_data(self) -> None:
         ensure_phantom(self.cache_dir, **self.phantom)
+
+    def model_kwargs(self) -> dict:
+        """What the classification model needs to know about the data."""
+        return {"num_classes": self.num_classes, "class_counts": self.class_counts["train"]}
+
+    def summary(self) -> dict:
+        """Logged to MLflow: class names and per-split class counts."""
+        counts = self.class_counts
+        return {
+            "dataset.classes": ",".join(self.classes),
+            "dataset.counts": {
+                s: dict(zip(self.classes, c, strict=True)) for s, c in counts.items()
+            },
+        }
 
     def resolve_root(self) -> Path:
         self.root = ensure_phantom(self.cache_dir, **self.phantom)

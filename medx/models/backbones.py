@@ -136,7 +136,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
 def _strip_prefix(key: str) -> str:
     for prefix in ("module.", "model."):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 

@@ -141,9 +141,11 @@ def _scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _metrics(num_classes: int, names: list[str], prefix: str) -> MetricCollection:
-    kind = {"task": "binary"} if num_classes == 2 else {
-        "task": "multiclass", "num_classes": num_classes, "average": "macro"
-    }
+    kind = (
+        {"task": "binary"}
+        if num_classes == 2
+        else {"task": "multiclass", "num_classes": num_classes, "average": "macro"}
+    )
     build: dict[str, type[nn.Module]] = {
         "acc": Accuracy,
         "auroc": AUROC,

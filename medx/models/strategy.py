@@ -52,7 +52,10 @@ class Strategy:
         frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
         log.info(
             "strategy=%s: %d/%d blocks trainable, %.2f M parameters frozen",
-            self.name, len(self.trainable_blocks(blocks)), len(blocks), frozen / 1e6,
+            self.name,
+            len(self.trainable_blocks(blocks)),
+            len(blocks),
+            frozen / 1e6,
         )
         return groups
 

@@ -53,7 +53,7 @@ def test_pool_layout_carves_val_and_test_by_patient(tmp_path: Path):
     assert not patients["train"] & patients["val"]
     assert not patients["train"] & patients["test"]
     assert not patients["val"] & patients["test"]
-    x, y = next(iter(dm.train_dataloader()))
+    x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and x.dtype.is_floating_point  # 16-bit and RGBA too
 
 
@@ -105,7 +105,7 @@ def test_corrupt_image_is_named_or_skipped(tmp_path: Path, caplog):
     bad.write_bytes(b"not an image at all")
 
     settings = dict(patient_pattern=r"p(\d+)_", val_from_train=0.25, test_from_train=0.25)
-    with pytest.raises(BadImageError, match="broken.png"):
+    with pytest.raises(BadImageError, match=r"broken\.png"):
         ImageFolderDataModule(root, **settings).setup()
 
     dm = ImageFolderDataModule(root, skip_bad_images=True, **settings)

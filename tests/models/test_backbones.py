@@ -45,12 +45,12 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path):
 
 
 def test_missing_weights_file_names_the_key(tmp_path: Path):
-    with pytest.raises(ConfigError, match="model.weights=.*does not exist"):
+    with pytest.raises(ConfigError, match=r"model\.weights=.*does not exist"):
         create_backbone("resnet18", num_classes=2, weights=tmp_path / "nope.pth")
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(ConfigError, match="densenet121.*resnet50.*vgg16"):
+    with pytest.raises(ConfigError, match=r"densenet121.*resnet50.*vgg16"):
         create_backbone("resnet19", num_classes=2)
 
 
