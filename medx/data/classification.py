@@ -248,20 +248,6 @@ class PhantomDataModule(ImageFolderDataModule):
     def prepare_data(self) -> None:
         ensure_phantom(self.cache_dir, **self.phantom)
 
-    def model_kwargs(self) -> dict:
-        """What the classification model needs to know about the data."""
-        return {"num_classes": self.num_classes, "class_counts": self.class_counts["train"]}
-
-    def summary(self) -> dict:
-        """Logged to MLflow: class names and per-split class counts."""
-        counts = self.class_counts
-        return {
-            "dataset.classes": ",".join(self.classes),
-            "dataset.counts": {
-                s: dict(zip(self.classes, c, strict=True)) for s, c in counts.items()
-            },
-        }
-
     def resolve_root(self) -> Path:
         self.root = ensure_phantom(self.cache_dir, **self.phantom)
         return self.root
