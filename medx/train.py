@@ -11,7 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from medx import tracking
 from medx.config import config_dir
@@ -27,9 +27,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     loggers = _loggers(cfg)
     with tracking.run_status(loggers):
+        _check_task(cfg)
+        _default_monitor(cfg)
         for logger in tracking.mlflow_loggers(loggers):
             tracking.start_run(logger, cfg, output_dir, _overrides())
-        _check_task(cfg)
         datamodule = instantiate(cfg.data, _convert_="object")
         datamodule.setup("fit")
         model = instantiate(
@@ -76,6 +77,14 @@ def _loggers(cfg: DictConfig) -> list[Logger]:
 
 def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _default_monitor(cfg: DictConfig) -> None:
+    """`monitor: null` means the model family's own selection metric (val/auroc, val/dice)."""
+    model_class = get_class(cfg.model._target_)
+    with open_dict(cfg):
+        cfg.monitor = cfg.get("monitor") or model_class.monitor
+        cfg.monitor_mode = cfg.get("monitor_mode") or model_class.monitor_mode
 
 
 def _check_task(cfg: DictConfig) -> None:

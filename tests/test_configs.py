@@ -62,6 +62,8 @@ def test_every_other_choice_instantiates(group: str, tmp_path: Path):
             f"{group}={choice}",
             f"paths.root_dir={tmp_path}",
             f"paths.output_dir={tmp_path}",
+            "monitor=val/auroc",
+            "monitor_mode=max",
         ]
         if choice == "folder":
             overrides.append("data.root=/some/where")  # required (???) for a generic folder

@@ -32,6 +32,7 @@ class ClassificationModule(L.LightningModule):
     """Transfer-learning classifier; binary tasks treat class index 1 as positive."""
 
     task = "classification"
+    monitor, monitor_mode = "val/auroc", "max"  # checkpoint selection when cfg.monitor is null
 
     def __init__(
         self,
