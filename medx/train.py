@@ -32,6 +32,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for logger in tracking.mlflow_loggers(loggers):
             tracking.start_run(logger, cfg, output_dir, _overrides())
         datamodule = instantiate(cfg.data, _convert_="object")
+        # What batches carry, as the model family declares it ("image" unless it says otherwise,
+        # e.g. the quality baseline's "features"): known before setup, as it shapes model_kwargs.
+        datamodule.inputs = getattr(get_class(cfg.model._target_), "inputs", "image")
         datamodule.setup("fit")
         model = instantiate(
             cfg.model,

@@ -51,6 +51,9 @@ def test_every_model_instantiates(choice: str):
         scheduler=cfg.scheduler,
         _convert_="object",
     )
+    if getattr(model, "inputs", "image") == "features":  # a feature baseline: one linear layer
+        assert model.linear.out_features == 3
+        return
     assert model.net.get_classifier().out_features == 3
     assert len(model.blocks) >= 4  # stem + stages: what strategies act on
 

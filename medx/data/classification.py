@@ -189,11 +189,14 @@ class ImageFolderDataModule(L.LightningDataModule):
                 ", ".join(f"{c}={n}" for c, n in zip(self.classes, counts, strict=True)),
             )
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _dataset(self, split: str, train: bool) -> Dataset:
         transform = ImageTransform(
             self.image_size, self.mean, self.std, self.augment if train else "none"
         )
-        dataset = ImageDataset(self.splits[split], transform)
+        return ImageDataset(self.splits[split], transform)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self._dataset(split, train)
         if not len(dataset):
             raise ConfigError(f"The {split} split of data={self.name} is empty.")
         return DataLoader(

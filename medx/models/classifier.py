@@ -71,8 +71,8 @@ class ClassificationModule(L.LightningModule):
             weight = inverse_frequency_weights(class_counts)
             log.info("class weights %s from counts %s", weight.tolist(), list(class_counts))
         self.register_buffer("loss_weight", weight, persistent=False)
-        self.val_metrics = _metrics(num_classes, ["acc", "auroc"], "val/")
-        self.test_metrics = _metrics(
+        self.val_metrics = classification_metrics(num_classes, ["acc", "auroc"], "val/")
+        self.test_metrics = classification_metrics(
             num_classes, ["acc", "auroc", "f1", "sensitivity", "specificity"], "test/"
         )
 
@@ -94,7 +94,7 @@ class ClassificationModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, weight=self.loss_weight)
-        return loss, _scores(logits), y
+        return loss, class_scores(logits), y
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _, y = self._step(batch)
@@ -135,13 +135,13 @@ class ClassificationModule(L.LightningModule):
         }
 
 
-def _scores(logits: torch.Tensor) -> torch.Tensor:
+def class_scores(logits: torch.Tensor) -> torch.Tensor:
     """Positive-class probability for binary tasks, class probabilities otherwise."""
     probs = torch.softmax(logits.float(), dim=1)
     return probs[:, 1] if probs.shape[1] == 2 else probs
 
 
-def _metrics(num_classes: int, names: list[str], prefix: str) -> MetricCollection:
+def classification_metrics(num_classes: int, names: list[str], prefix: str) -> MetricCollection:
     kind = (
         {"task": "binary"}
         if num_classes == 2

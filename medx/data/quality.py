@@ -1,0 +1,238 @@
+"""Image-quality data (good = 0, bad = 1): clean source images and their degraded twins.
+
+Any class-folder tree of clean images is a source (the phantom by default). The sources are
+split by patient first (reusing ImageFolderDataModule: stratified by source class), and only
+then does each source image give one good sample and about `bad_ratio` degraded twins, so a
+clean image and its twins always sit in the same split. Degradations are drawn per source from
+a seed derived from `seed` and the file name: the data set is the same on every run and machine.
+
+Batches carry what the model family asks for (`inputs`, set by medx.train from the model
+class): "image" → (normalised image tensor, label) for CNNs; "features" → (handcrafted
+feature vector, label) for the feature baseline, computed once per split and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from medx.data.classification import SPLITS, PhantomDataModule, Samples
+from medx.data.io import read_gray
+from medx.data.transforms import ImageTransform
+from medx.errors import ConfigError, DataError
+from medx.quality.degradations import DEGRADATIONS, check_degradations, degrade
+from medx.quality.features import FEATURES, image_features
+
+log = logging.getLogger(__name__)
+
+QUALITY_CLASSES = ("good", "bad")  # index 1, "bad", is the positive class
+INPUTS = ("image", "features")
+
+
+@dataclass
+class QualitySamples(Samples):
+    """Samples plus how each was made: degradation name ("" = clean), severity and seed."""
+
+    degradations: list[str] = field(default_factory=list)
+    severities: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    def records(self) -> list[tuple[str, int, str, float, int]]:
+        return [
+            (str(p), y, d, round(s, 6), k)
+            for p, y, d, s, k in zip(
+                self.paths, self.labels, self.degradations, self.severities, self.seeds, strict=True
+            )
+        ]
+
+
+def load_sample(path: Path, degradation: str, severity: float, seed: int) -> np.ndarray:
+    """The gray uint8 image of one sample: the source, degraded unless `degradation` is ""."""
+    img = read_gray(path)
+    return degrade(img, degradation, severity, seed) if degradation else img
+
+
+class QualityImageDataset(Dataset):
+    """(image tensor, label) with the degradation applied on the fly (deterministic)."""
+
+    def __init__(self, samples: QualitySamples, transform: ImageTransform) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        s = self.samples
+        gray = load_sample(s.paths[i], s.degradations[i], s.severities[i], s.seeds[i])
+        return self.transform(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)), s.labels[i]
+
+
+class QualityDataModule(PhantomDataModule):
+    """Good vs degraded images from the phantom (default) or `source_root`."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        feature_cache: str | Path | None = None,
+        source_root: str | Path | None = None,
+        degradations: Mapping[str, Sequence[float]] | None = None,
+        bad_ratio: float = 3.0,
+        max_sources: int | None = None,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("name", "quality")
+        kwargs.setdefault("augment", "none")
+        super().__init__(cache_dir=cache_dir, **kwargs)
+        self.source_root = Path(source_root) if source_root else None
+        self.degradations = check_degradations(
+            degradations or {name: (0.0, 1.0) for name in DEGRADATIONS}
+        )
+        if not bad_ratio > 0:
+            raise ConfigError(f"data.bad_ratio={bad_ratio} must be > 0 (bad images per good one).")
+        self.bad_ratio, self.max_sources = float(bad_ratio), max_sources
+        self.feature_cache = Path(feature_cache) if feature_cache else None
+        self.inputs = "image"  # medx.train sets the model family's choice before setup
+        self.source_classes: list[str] = []
+        self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def prepare_data(self) -> None:
+        if self.source_root is None:
+            super().prepare_data()
+
+    def resolve_root(self) -> Path:
+        if self.source_root is None:
+            return super().resolve_root()
+        if not self.source_root.is_dir():
+            raise DataError(
+                f"data.source_root={self.source_root} does not exist: point it at a folder of "
+                "clean images in class subfolders, e.g. $MEDX_DATA/chest_xray/train, or set "
+                "data.source_root=null for the phantom."
+            )
+        self.root = self.source_root
+        return self.root
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.inputs not in INPUTS:
+            raise ConfigError(f"QualityDataModule serves inputs {INPUTS}, not {self.inputs!r}.")
+        super().setup(stage)  # source images, split by patient
+        sources = self.splits
+        total = sum(len(sources[s].paths) for s in SPLITS)
+        self.source_classes = list(self.classes)
+        self.classes = list(QUALITY_CLASSES)
+        self.splits = {s: self._with_twins(self._limit(sources[s], s, total)) for s in SPLITS}
+        self._log_counts()
+
+    def _limit(self, samples: Samples, split: str, total: int) -> Samples:
+        """At most `max_sources` source images in all, each split cut in proportion."""
+        if self.max_sources is None or total <= self.max_sources:
+            return samples
+        keep = min(len(samples.paths), math.ceil(self.max_sources * len(samples.paths) / total))
+        rng = np.random.default_rng([self.seed, SPLITS.index(split)])
+        return samples.subset(np.sort(rng.permutation(len(samples.paths))[:keep]))
+
+    def _with_twins(self, sources: Samples) -> QualitySamples:
+        """Each source: itself (good), then floor/ceil(bad_ratio) degraded twins (bad)."""
+        out = QualitySamples()
+        names = list(self.degradations)
+        whole, frac = divmod(self.bad_ratio, 1.0)
+        for path, patient in zip(sources.paths, sources.patients, strict=True):
+            key = zlib.crc32(f"{path.parent.name}/{path.name}".encode())
+            rng = np.random.default_rng([self.seed, key])
+            n_bad = int(whole) + int(rng.random() < frac)
+            for k in range(n_bad + 1):
+                name = "" if k == 0 else names[rng.integers(len(names))]
+                low, high = self.degradations.get(name, (0.0, 0.0))
+                out.paths.append(path)
+                out.patients.append(patient)
+                out.labels.append(0 if k == 0 else 1)
+                out.degradations.append(name)
+                out.severities.append(float(rng.uniform(low, high)))
+                out.seeds.append(int(rng.integers(2**31)))
+        return out
+
+    def model_kwargs(self) -> dict:
+        kwargs = super().model_kwargs()
+        if self.inputs == "features":
+            kwargs["feature_names"] = list(FEATURES)
+        return kwargs
+
+    def summary(self) -> dict:
+        summary = super().summary()
+        summary["dataset.source"] = str(self.root)
+        summary["dataset.source_classes"] = ",".join(self.source_classes)
+        summary["dataset.degradations"] = ",".join(self.degradations)
+        summary["dataset.inputs"] = self.inputs
+        return summary
+
+    def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features N×F float32, labels N) of one split: computed once, cached on disk."""
+        self.setup()
+        if split not in self._features:
+            self._features[split] = self._load_or_compute(self.splits[split])
+        return self._features[split]
+
+    def _load_or_compute(self, samples: QualitySamples) -> tuple[np.ndarray, np.ndarray]:
+        key = hashlib.sha1(json.dumps([list(FEATURES), samples.records()]).encode()).hexdigest()
+        cached = self.feature_cache / f"{key[:20]}.npz" if self.feature_cache else None
+        if cached is not None and cached.is_file():
+            with np.load(cached) as data:
+                return data["x"], data["y"]
+        start = time.perf_counter()
+        x = compute_features(samples)
+        y = np.asarray(samples.labels, dtype=np.int64)
+        log.info("Features of %d images in %.1f s", len(y), time.perf_counter() - start)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, x=x, y=y)
+            os.replace(tmp, cached)  # atomic: concurrent sweep jobs never read half a file
+        return x, y
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        if self.inputs == "image":
+            return super()._loader(split, train)
+        x, y = self.features(split)
+        if not len(y):
+            raise ConfigError(f"The {split} split of data={self.name} is empty.")
+        dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train)
+
+    def _dataset(self, split: str, train: bool) -> Dataset:
+        transform = ImageTransform(
+            self.image_size, self.mean, self.std, self.augment if train else "none"
+        )
+        return QualityImageDataset(self.splits[split], transform)
+
+
+def compute_features(samples: QualitySamples) -> np.ndarray:
+    """Feature rows of every sample (threads: OpenCV releases the GIL)."""
+
+    def one(i: int) -> np.ndarray:
+        s = samples
+        img = load_sample(s.paths[i], s.degradations[i], s.severities[i], s.seeds[i])
+        try:
+            return image_features(img)
+        except DataError as err:
+            raise DataError(f"{s.paths[i]}: {err}") from err
+
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medx-features") as pool:
+        rows = list(pool.map(one, range(len(samples.paths))))
+    return np.asarray(rows, dtype=np.float32).reshape(-1, len(FEATURES))

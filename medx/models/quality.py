@@ -1,0 +1,173 @@
+"""Feature baseline for image quality: standardised handcrafted features → logistic regression.
+
+A LightningModule, so the same Trainer, checkpointing, early stopping and MLflow logging serve
+it and the CNNs, and `python -m medx.train -m data=quality model=quality_logreg,resnet18` gives
+two runs with the same metric names (from `classification_metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medx import tracking
+from medx.errors import ConfigError
+from medx.models.backbones import UNIT_MEAN, UNIT_STD
+from medx.models.classifier import (
+    class_scores,
+    classification_metrics,
+    inverse_frequency_weights,
+)
+from medx.quality.features import FEATURES, LOG_FEATURES
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("logreg",)
+LOG_OFFSET = 1e-8
+
+
+class QualityBaseline(L.LightningModule):
+    """Logistic regression on standardised quality features; class 1 ("bad") is positive.
+
+    The standardisation (mean, std per feature, after log of the `LOG_FEATURES`) is fitted on
+    the training batches only, at the start of fitting, and saved in the checkpoint.
+    """
+
+    task = "classification"
+    inputs = "features"  # the datamodule serves feature vectors, not images
+    monitor, monitor_mode = "val/auroc", "max"
+
+    def __init__(
+        self,
+        backbone: str = "logreg",
+        num_classes: int = 2,
+        feature_names: Sequence[str] = FEATURES,
+        class_weights: bool = False,
+        class_counts: Sequence[int] | None = None,
+        lr: float | None = 0.05,
+        class_names: Sequence[str] = ("good", "bad"),
+        strategy: Any = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if backbone not in BASELINES:
+            raise ConfigError(
+                f"model.backbone={backbone!r} is no quality baseline; choices: "
+                f"{', '.join(BASELINES)}."
+            )
+        # strategy (which backbone blocks train) has nothing to act on: one linear layer.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "strategy"], logger=False)
+        self.feature_names = list(feature_names)
+        n = len(self.feature_names)
+        self.linear = nn.Linear(n, num_classes)
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.scheduler_factory = scheduler
+        self.mean, self.std = UNIT_MEAN, UNIT_STD  # image normalisation: unused, no images
+        log_mask = torch.tensor([name in LOG_FEATURES for name in self.feature_names])
+        self.register_buffer("log_mask", log_mask, persistent=False)
+        self.register_buffer("feature_mean", torch.zeros(n))
+        self.register_buffer("feature_std", torch.ones(n))
+        self.register_buffer("fitted", torch.tensor(False))
+        weight = None
+        if class_weights:
+            if class_counts is None:
+                raise ValueError("model.class_weights=true needs the training class counts")
+            weight = inverse_frequency_weights(class_counts)
+        self.register_buffer("loss_weight", weight, persistent=False)
+        self.val_metrics = classification_metrics(num_classes, ["acc", "auroc"], "val/")
+        self.test_metrics = classification_metrics(
+            num_classes, ["acc", "auroc", "f1", "sensitivity", "specificity"], "test/"
+        )
+        self._test_outputs: list[tuple[torch.Tensor, ...]] = []
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features → the log where it applies (no standardisation)."""
+        x = x.float()
+        return torch.where(self.log_mask, torch.log(x.clamp(min=0) + LOG_OFFSET), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((self.scale(x) - self.feature_mean) / self.feature_std)
+
+    def coefficients(self) -> np.ndarray:
+        """Per feature: log-odds of "bad" per training standard deviation (binary tasks)."""
+        w = self.linear.weight.detach().cpu().numpy()
+        return w[1] - w[0] if len(w) == 2 else w
+
+    def on_train_start(self) -> None:
+        """Fit the standardisation on the training data, once (not again on resume)."""
+        if bool(self.fitted):
+            return
+        rows = [self.scale(x.to(self.device)) for x, _ in self.trainer.train_dataloader]
+        z = torch.cat(rows)
+        self.feature_mean.copy_(z.mean(0))
+        self.feature_std.copy_(z.std(0, unbiased=False).clamp(min=1e-6))
+        self.fitted.fill_(True)
+        log.info("Standardisation fitted on %d training feature vectors", len(z))
+
+    def _step(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y, weight=self.loss_weight), class_scores(logits), y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _, y = self._step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, scores, y = self._step(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.val_metrics.update(scores, y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss, scores, y = self._step(batch)
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
+        self.test_metrics.update(scores, y)
+        self._test_outputs.append((batch[0].cpu(), y.cpu(), scores.detach().cpu()))
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+        if self._test_outputs and self.hparams.num_classes == 2:
+            self._write_reports()
+        self._test_outputs = []
+
+    def _write_reports(self) -> None:
+        from medx.quality.reports import write_reports  # matplotlib only when reporting
+
+        x, y, p = (torch.cat(parts).numpy() for parts in zip(*self._test_outputs, strict=True))
+        root = Path(self.trainer.default_root_dir or ".") / "quality_report"
+        paths = write_reports(
+            root, y, p, x, self.feature_names, self.coefficients(), list(self.hparams.class_names)
+        )
+        tracking.log_artifacts(self.loggers, paths)
+        log.info("Quality reports in %s", root)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.softmax(self(batch[0]), dim=1)
+
+    def configure_optimizers(self) -> Any:
+        """The configured optimizer; `lr` (when set) replaces its LR, as a linear model on
+        standardised features wants a far larger step than a CNN."""
+        extra = {"lr": self.hparams.lr} if self.hparams.lr is not None else {}
+        optimizer = self.optimizer_factory(self.parameters(), **extra)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+        }

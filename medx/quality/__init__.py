@@ -1,0 +1,1 @@
+"""Image-quality assessment: handcrafted features, synthetic degradations, QC scoring."""

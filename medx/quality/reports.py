@@ -1,0 +1,116 @@
+"""Quality-baseline reports: what the seed project printed, plus why the model decides.
+
+Files (logged as MLflow artifacts by the model): the confusion matrix (text and PNG), the
+classification report in scikit-learn's text layout, a coefficient plot and the per-class
+distribution of every feature on the test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix
+
+from medx.quality.features import LOG_FEATURES
+
+
+def write_reports(
+    out_dir: Path,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    features: np.ndarray,
+    feature_names: Sequence[str],
+    coefficients: np.ndarray,
+    class_names: Sequence[str],
+    threshold: float = 0.5,
+) -> list[Path]:
+    """Write every report for one test split; return the files written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred = (np.asarray(scores) >= threshold).astype(int)
+    labels = np.asarray(labels).astype(int)
+    cm = confusion_matrix(labels, pred, labels=range(len(class_names)))
+    report = classification_report(
+        labels,
+        pred,
+        labels=range(len(class_names)),
+        target_names=list(class_names),
+        zero_division=0,
+    )
+    text = out_dir / "classification_report.txt"
+    text.write_text(report)
+    cm_text = out_dir / "confusion_matrix.txt"
+    header = "rows: true, columns: predicted (" + ", ".join(class_names) + ")\n"
+    cm_text.write_text(header + np.array2string(cm) + "\n")
+    return [
+        text,
+        cm_text,
+        _confusion_plot(out_dir / "confusion_matrix.png", cm, class_names),
+        _coefficient_plot(out_dir / "coefficients.png", coefficients, feature_names),
+        _distribution_plot(
+            out_dir / "feature_distributions.png", features, labels, feature_names, class_names
+        ),
+    ]
+
+
+def _confusion_plot(path: Path, cm: np.ndarray, class_names: Sequence[str]) -> Path:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), n in np.ndenumerate(cm):
+        ax.text(j, i, str(n), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _coefficient_plot(path: Path, coefficients: np.ndarray, names: Sequence[str]) -> Path:
+    """Log-odds of "bad" per standard deviation of each feature: which features matter."""
+    coef = np.asarray(coefficients, dtype=float).reshape(-1)
+    order = np.argsort(np.abs(coef))
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(coef) + 1))
+    ax.barh([names[i] for i in order], coef[order], color=np.where(coef[order] > 0, "C3", "C0"))
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel('coefficient (log-odds of "bad" per SD)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _distribution_plot(
+    path: Path,
+    features: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    class_names: Sequence[str],
+) -> Path:
+    cols = 4
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(names):
+            ax.axis("off")
+            continue
+        values = features[:, k].astype(float)
+        if names[k] in LOG_FEATURES:
+            values = np.log10(np.clip(values, 0, None) + 1e-8)
+        bins = np.histogram_bin_edges(values, bins=30)
+        for c, cls in enumerate(class_names):
+            ax.hist(values[labels == c], bins=bins, alpha=0.55, density=True, label=cls)
+        ax.set_title(("log10 " if names[k] in LOG_FEATURES else "") + names[k], fontsize=9)
+    axes.ravel()[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

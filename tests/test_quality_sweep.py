@@ -1,0 +1,51 @@
+"""Issue 5's one-line comparison: a feature baseline and a CNN in one sweep, one MLflow run each."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+
+@pytest.mark.slow
+def test_quality_sweep_gives_comparable_baseline_and_cnn_runs(tmp_path: Path, phantom_cache: Path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medx.train",
+            "-m",
+            "data=quality",
+            "model=quality_logreg,resnet18",
+            "data.n_patients=30",
+            "data.image_size=48",
+            "data.num_workers=0",
+            "trainer.max_epochs=1",
+            "callbacks.rich_progress_bar=null",
+            "trainer.enable_progress_bar=false",
+            "logger.experiment_name=quality",
+            f"paths.root_dir={tmp_path}",
+            f"paths.cache_dir={phantom_cache}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("quality").experiment_id])
+    assert {r.info.run_name for r in runs} == {"logreg-quality-full", "resnet18-quality-full"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    names = [{k for k in r.data.metrics if k.startswith(("val/", "test/"))} for r in runs]
+    assert names[0] == names[1] and {"val/auroc", "test/f1", "test/auroc"} <= names[0]
+    counts = [
+        {k: v for k, v in r.data.params.items() if k.startswith("dataset.counts")} for r in runs
+    ]
+    assert counts[0] == counts[1]  # the same splits for both
