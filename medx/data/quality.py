@@ -96,6 +96,8 @@ class QualityDataModule(PhantomDataModule):
     ) -> None:
         kwargs.setdefault("name", "quality")
         kwargs.setdefault("augment", "none")
+        if source_root:  # class names come from its folders, not the phantom's
+            kwargs.setdefault("classes", None)
         super().__init__(cache_dir=cache_dir, **kwargs)
         self.source_root = Path(source_root) if source_root else None
         self.degradations = check_degradations(

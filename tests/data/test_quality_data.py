@@ -75,3 +75,19 @@ def test_unknown_degradation_is_a_config_error_listing_choices(tmp_path: Path):
     cause = user_error(err.value)
     assert isinstance(cause, ConfigError)
     assert "'blurr'" in str(cause) and "motion_blur" in str(cause)
+
+
+def test_real_source_folder_keeps_kermany_patients_together(medx_data: Path, tmp_path: Path):
+    dm = quality(
+        tmp_path / "unused",
+        tmp_path,
+        source_root=medx_data / "chest_xray" / "train",
+        patient_pattern=r"person(\d+)_|IM-(\d+)-",
+        max_sources=300,
+    )
+    dm.setup()
+
+    assert dm.source_classes == ["NORMAL", "PNEUMONIA"]
+    assert 290 <= sum(len(set(s.paths)) for s in dm.splits.values()) <= 303
+    patients = [set(dm.splits[s].patients) for s in ("train", "val", "test")]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
