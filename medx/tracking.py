@@ -9,6 +9,7 @@ also outside `trainer.fit`.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from medx.errors import MedxError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +65,17 @@ def start_run(
     """Create the MLflow run now (not lazily), so even a crash during data setup is recorded."""
     client, run_id = logger.experiment, logger.run_id
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own section
-    logger.log_hyperparams(flatten(OmegaConf.to_container(job, resolve=True)))
+    _log_new_params(logger, flatten(OmegaConf.to_container(job, resolve=True)))
     commit = git_commit()
-    tags = {"medx.output_dir": str(output_dir), "mlflow.source.name": "medx.train"}
+    tags = {
+        "medx.output_dir": str(output_dir),
+        "mlflow.source.name": "medx.train",
+        "medx.overrides": " ".join(overrides),
+    }
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if parent := os.environ.get("MEDX_PARENT_RUN_ID"):  # set by medx.sweep.ParentRun
+        tags["mlflow.parentRunId"] = parent
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -78,15 +88,57 @@ def start_run(
     log.info("MLflow run %s in %s (%s)", run_id, logger._tracking_uri, logger.name)
 
 
-def log_artifacts(loggers: list[Logger], paths: list[Path]) -> None:
+def log_artifacts(
+    loggers: list[Logger], paths: list[Path], artifact_path: str | None = None
+) -> None:
+    """Upload files to each MLflow run (under `artifact_path`, a folder in the run)."""
     for logger in mlflow_loggers(loggers):
         for path in paths:
-            logger.experiment.log_artifact(logger.run_id, str(path))
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
 
 
 def log_params(loggers: list[Logger], params: Mapping[str, Any]) -> None:
     for logger in mlflow_loggers(loggers):
-        logger.log_hyperparams(flatten(params))
+        _log_new_params(logger, flatten(params))
+
+
+def _log_new_params(logger: MLFlowLogger, params: dict[str, str]) -> None:
+    """Log params; a resumed run keeps its first values (MLflow refuses to change a param)."""
+    old = logger.experiment.get_run(logger.run_id).data.params
+    changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+    if changed:
+        log.info("Resumed run keeps its original params %s (see config.yaml)", changed)
+    logger.log_hyperparams({k: v for k, v in params.items() if k not in old})
+
+
+def check_reachable(loggers: list[Logger]) -> None:
+    """Fail in seconds, before data setup, when an MLflow server does not answer.
+
+    MLflow retries HTTP calls with backoff for minutes by default; this one probe does not.
+    """
+    for logger in mlflow_loggers(loggers):
+        uri = str(logger._tracking_uri)
+        if not uri.startswith(("http://", "https://")):
+            continue
+        saved = {k: os.environ.get(k) for k in _PROBE_ENV}
+        os.environ.update(_PROBE_ENV)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as err:
+            raise MedxError(
+                f"MLflow tracking server {uri} is not reachable ({type(err).__name__}). Start "
+                "it (make mlflow-server), fix MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI "
+                "to log to the local sqlite store; logger=csv trains without MLflow."
+            ) from err
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 @contextmanager

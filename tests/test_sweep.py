@@ -1,4 +1,4 @@
-"""A real `-m` sweep from the command line: one MLflow run per job."""
+"""A real `-m` sweep from the command line: one parent MLflow run, one child run per job."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 
 @pytest.mark.slow
-def test_two_by_two_sweep_gives_four_runs(tmp_path: Path, phantom_cache: Path):
+def test_two_by_two_sweep_gives_a_parent_and_four_child_runs(tmp_path: Path, phantom_cache: Path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     out = subprocess.run(
         [
@@ -41,8 +41,16 @@ def test_two_by_two_sweep_gives_four_runs(tmp_path: Path, phantom_cache: Path):
     assert out.returncode == 0, out.stderr[-3000:]
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    every = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    (parent,) = [r for r in every if r.data.tags.get("medx.sweep") == "parent"]
+    runs = [r for r in every if r is not parent]
     assert len(runs) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.strategy"] == "freeze,full"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "overrides.yaml"} <= artifacts
+    assert not any(k.endswith("_mean") for k in parent.data.metrics)  # no data.fold swept
     assert {r.info.status for r in runs} == {"FINISHED"}
     combos = {(r.data.params["strategy.name"], r.data.params["optimizer._target_"]) for r in runs}
     assert len(combos) == 4
