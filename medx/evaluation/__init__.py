@@ -1,0 +1,1 @@
+"""Clinical evaluation of classifiers: metrics with CIs, operating points, calibration, plots."""

@@ -1,0 +1,255 @@
+"""`ClinicalEvaluation`: after testing, the full clinical report of the tested model.
+
+A Lightning Callback (not code in the LightningModule), so every classification model family
+(CNN classifier, quality baseline) gets the same report and `medx.eval` reuses it unchanged.
+At `on_test_end` the trainer holds the tested (best-checkpoint) weights: the callback runs them
+over the datamodule's validation and test loaders and computes everything from the logits.
+Anything chosen (the operating threshold, the temperature) is chosen on validation and applied
+unchanged to test.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from medx import tracking
+from medx.errors import ConfigError
+from medx.evaluation import calibration, metrics, plots
+
+log = logging.getLogger(__name__)
+
+CALIBRATIONS = ("temperature",)
+ARTIFACT_DIR = "evaluation"  # the folder in the run dir and in the MLflow run
+
+
+@dataclass
+class Predictions:
+    """Logits (n, K) and integer labels (n,) of one split, in loader order."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def probs(self) -> np.ndarray:
+        return calibration.softmax(self.logits)
+
+
+def check_settings(target_sensitivity: float, calibrate: str | None) -> str | None:
+    """Config errors now, naming the key, rather than a wrong report after training."""
+    if not (isinstance(target_sensitivity, int | float) and 0 < target_sensitivity <= 1):
+        raise ConfigError(
+            f"eval.target_sensitivity={target_sensitivity!r} must be in (0, 1], e.g. 0.95."
+        )
+    calibrate = None if calibrate in (None, "none", False) else calibrate
+    if calibrate is not None and calibrate not in CALIBRATIONS:
+        raise ConfigError(
+            f"eval.calibrate={calibrate!r} is unknown; choices: {', '.join(CALIBRATIONS)} or null."
+        )
+    return calibrate
+
+
+def evaluate(
+    val: Predictions,
+    test: Predictions,
+    out_dir: Path,
+    class_names: Sequence[str],
+    target_sensitivity: float = 0.95,
+    calibrate: str | None = "temperature",
+    n_boot: int = 1000,
+    seed: int = 0,
+    test_paths: Sequence[str] | None = None,
+) -> tuple[dict[str, float], list[Path]]:
+    """All `test/...` (and val-side `val/..._at_op`) metrics, and the files written to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probs, num_classes = test.probs, test.logits.shape[1]
+    found = {f"test/{k}": v for k, v in metrics.classification_metrics(test.labels, probs).items()}
+    for name, (low, high) in metrics.bootstrap_ci(test.labels, probs, n_boot, seed).items():
+        found[f"test/{name}_ci_low"], found[f"test/{name}_ci_high"] = low, high
+
+    threshold = _operating_point(val, target_sensitivity, num_classes)
+    if threshold is not None:
+        found["test/threshold_at_op"] = threshold
+        for split, pred in (("val", val), ("test", test)):
+            at_op = metrics.classification_metrics(pred.labels, pred.probs, threshold)
+            for key in ("sensitivity", "specificity", "ppv", "npv"):
+                if key in at_op:
+                    found[f"{split}/{key}_at_op"] = at_op[key]
+
+    before = calibration.reliability(test.labels, probs)
+    found["test/ece"], found["test/mce"] = before.ece, before.mce
+    curves = {"uncalibrated": before}
+    calibrated = None
+    if calibrate == "temperature":
+        t = calibration.fit_temperature(val.logits, val.labels)
+        calibrated = calibration.softmax(test.logits, t)
+        after = calibration.reliability(test.labels, calibrated)
+        curves[f"temperature scaled (T={t:.2f}, fitted on val)"] = after
+        found["test/temperature"] = t
+        found["test/ece_calibrated"], found["test/mce_calibrated"] = after.ece, after.mce
+        for split, pred in (("val", val), ("test", test)):
+            found[f"{split}/nll"] = calibration.nll(pred.logits, pred.labels)
+            found[f"{split}/nll_calibrated"] = calibration.nll(pred.logits, pred.labels, t)
+
+    preds = metrics.predictions(probs)
+    files = plots.confusion_matrices(
+        out_dir, metrics.confusion(test.labels, preds, num_classes), class_names
+    )
+    files += plots.roc_pr_curves(out_dir, test.labels, probs, class_names, threshold)
+    files.append(plots.reliability_diagram(out_dir / "reliability_diagram.png", curves))
+    report = out_dir / "classification_report.txt"
+    report.write_text(metrics.report(test.labels, probs, class_names))
+    files.append(report)
+    files.append(
+        _write_predictions(
+            out_dir / "test_predictions.csv",
+            test,
+            probs,
+            preds,
+            class_names,
+            test_paths,
+            threshold,
+            calibrated,
+        )
+    )
+    return found, files
+
+
+def _operating_point(val: Predictions, target: float, num_classes: int) -> float | None:
+    if num_classes != 2:
+        log.info("Operating point: binary tasks only (%d classes); none chosen.", num_classes)
+        return None
+    try:
+        threshold = metrics.threshold_for_sensitivity(val.labels, val.probs[:, 1], target)
+    except ValueError:
+        log.warning("No positive case in the validation split: no operating point chosen.")
+        return None
+    log.info("Operating point on val: p >= %.4f for sensitivity >= %.3f", threshold, target)
+    return threshold
+
+
+def _write_predictions(
+    path: Path,
+    test: Predictions,
+    probs: np.ndarray,
+    preds: np.ndarray,
+    class_names: Sequence[str],
+    paths: Sequence[str] | None,
+    threshold: float | None,
+    calibrated: np.ndarray | None,
+) -> Path:
+    """One row per test image: path, label, probability (positive class, or of the
+    prediction when multi-class), prediction; per-class probabilities when multi-class."""
+    binary = probs.shape[1] == 2
+    header = ["path", "label", "probability", "prediction"]
+    header += ["prediction_at_op"] if threshold is not None else []
+    header += ["probability_calibrated"] if calibrated is not None else []
+    header += [] if binary else [f"probability_{c}" for c in class_names]
+    paths = paths if paths is not None and len(paths) == len(preds) else range(len(preds))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i, (name, label, pred) in enumerate(zip(paths, test.labels, preds, strict=True)):
+            column = 1 if binary else pred
+            row = [name, class_names[label], f"{probs[i, column]:.6f}", class_names[pred]]
+            if threshold is not None:
+                row.append(class_names[int(probs[i, 1] >= threshold)])
+            if calibrated is not None:
+                row.append(f"{calibrated[i, column]:.6f}")
+            row += [] if binary else [f"{p:.6f}" for p in probs[i]]
+            writer.writerow(row)
+    return path
+
+
+class ClinicalEvaluation(Callback):
+    """After `trainer.test`: metrics with bootstrap CIs, val-chosen operating point,
+    calibration, figures and per-image predictions, logged to the trainer's loggers and
+    written to `<default_root_dir>/evaluation` (also uploaded as MLflow artifacts)."""
+
+    def __init__(
+        self,
+        target_sensitivity: float = 0.95,
+        calibrate: str | None = "temperature",
+        bootstrap: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        self.calibrate = check_settings(target_sensitivity, calibrate)
+        self.target_sensitivity, self.bootstrap, self.seed = target_sensitivity, bootstrap, seed
+        self.metrics: dict[str, float] = {}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "task", "classification") != "classification":
+            log.debug("Clinical evaluation skipped: %s is no classifier", type(pl_module).__name__)
+            return
+        if trainer.fast_dev_run or trainer.datamodule is None:
+            log.info("Clinical evaluation skipped (fast_dev_run, or no datamodule).")
+            return
+        dm = trainer.datamodule
+        val, test = (
+            _predict(pl_module, dm.val_dataloader()),
+            _predict(pl_module, dm.test_dataloader()),
+        )
+        num_classes = test.logits.shape[1]
+        class_names = list(getattr(dm, "classes", None) or map(str, range(num_classes)))
+        splits = getattr(dm, "splits", {})
+        test_paths = [str(p) for p in splits["test"].paths] if "test" in splits else None
+        out_dir = Path(trainer.default_root_dir) / ARTIFACT_DIR
+        found, files = evaluate(
+            val,
+            test,
+            out_dir,
+            class_names,
+            self.target_sensitivity,
+            self.calibrate,
+            self.bootstrap,
+            self.seed,
+            test_paths,
+        )
+        history = _history(trainer)
+        if history:
+            files.append(plots.training_curves(out_dir / "training_curves.png", history))
+        # The module already logged its own test/acc, test/auroc, ...: the same numbers, kept once.
+        new = {k: v for k, v in found.items() if k not in trainer.callback_metrics}
+        for logger in trainer.loggers:
+            logger.log_metrics(new, step=trainer.global_step)
+            logger.save()
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in new.items()})
+        for logger in tracking.mlflow_loggers(trainer.loggers):  # in the run's evaluation/
+            for path in files:
+                logger.experiment.log_artifact(logger.run_id, str(path), ARTIFACT_DIR)
+        self.metrics = found
+        lines = [f"{k} {v:.4f}" for k, v in sorted(found.items()) if math.isfinite(v)]
+        log.info("Clinical evaluation in %s\n  %s", out_dir, "\n  ".join(lines))
+
+
+@torch.inference_mode()
+def _predict(module: L.LightningModule, loader: DataLoader) -> Predictions:
+    was_training = module.training
+    module.eval()
+    logits, labels = [], []
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        logits.append(module(x.to(module.device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    module.train(was_training)
+    return Predictions(torch.cat(logits).double().numpy(), torch.cat(labels).long().numpy())
+
+
+def _history(trainer: L.Trainer) -> dict[str, list[tuple[int, float]]]:
+    """train/ and val/ metric histories of the (first) MLflow run, for the training curves."""
+    for logger in tracking.mlflow_loggers(trainer.loggers):
+        client, run_id = logger.experiment, logger.run_id
+        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("train/", "val/"))]
+        keys = [k for k in keys if not k.endswith(("_at_op", "nll", "nll_calibrated"))]
+        return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+    return {}
