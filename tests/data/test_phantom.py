@@ -1,76 +1,134 @@
-"""The embedded phantom: deterministic, cached once, with masks, learnable but not trivial."""
+"""The phantom data set: deterministic, cached once, with lung masks, learnable but not trivial."""
 
-from __future__ import annotations
-
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_score
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_predict
 
-from medx.data.phantom import CLASSES, ensure_phantom, write_phantom
+from medx.data.phantom import (
+    CLASSES,
+    GENERATOR_VERSION,
+    ensure_phantom,
+    render_phantom,
+    sample_anatomy,
+    write_phantom,
+)
+from medx.errors import ConfigError
 
-
-def _images(root: Path) -> list[Path]:
-    return sorted(p for c in CLASSES for p in (root / c).glob("*.png"))
-
-
-def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path):
-    a = write_phantom(tmp_path / "a", n_patients=6, size=64, seed=3)
-    b = write_phantom(tmp_path / "b", n_patients=6, size=64, seed=3)
-    c = write_phantom(tmp_path / "c", n_patients=6, size=64, seed=4)
-
-    names = [p.relative_to(a) for p in _images(a)]
-    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
-    assert any(not (c / n).exists() or (a / n).read_bytes() != (c / n).read_bytes() for n in names)
+PATIENT = re.compile(r"patient(\d+)_")
 
 
-def test_every_image_has_a_plausible_lung_mask(tmp_path: Path):
-    root = write_phantom(tmp_path, n_patients=10, images_per_patient=2, size=96, seed=0)
+def images(root: Path) -> list[tuple[Path, int]]:
+    """(path, label index) of every image, as a data loader would list them."""
+    return [(p, c) for c, name in enumerate(CLASSES) for p in sorted((root / name).glob("*.png"))]
 
-    for image in _images(root):
-        mask = cv2.imread(str(root / "masks" / image.name), cv2.IMREAD_UNCHANGED)
-        assert mask.shape == (96, 96) and mask.dtype == np.uint8
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_phantom(tmp_path_factory.mktemp("phantom"), n_patients=150, seed=3)
+
+
+def test_render_phantom_returns_image_and_lung_mask() -> None:
+    anatomy = sample_anatomy(np.random.default_rng(0))  # one patient...
+    first, mask1 = render_phantom(np.random.default_rng(1), 128, opacity=True, anatomy=anatomy)
+    second, mask2 = render_phantom(np.random.default_rng(2), 128, opacity=True, anatomy=anatomy)
+    assert first.shape == mask1.shape == (128, 128) and first.dtype == mask1.dtype == np.uint8
+    assert not np.array_equal(first, second)  # ...two acquisitions
+    assert 0.75 < (mask1 > 0).sum() / (mask2 > 0).sum() < 1.33  # same lungs, moved and rescaled
+
+
+def test_the_label_changes_the_image_but_not_the_lungs() -> None:
+    anatomy = sample_anatomy(np.random.default_rng(0))
+    normal, normal_mask = render_phantom(np.random.default_rng(1), 128, False, anatomy)
+    opacity, opacity_mask = render_phantom(np.random.default_rng(1), 128, True, anatomy)
+    assert np.array_equal(normal_mask, opacity_mask)
+    brighter = opacity.astype(int) - normal
+    assert brighter.min() >= 0 and brighter[opacity_mask > 0].max() > 10
+
+
+def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
+    a = write_phantom(tmp_path / "a", n_patients=6, size=64, seed=1)
+    b = write_phantom(tmp_path / "b", n_patients=6, size=64, seed=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 2 * 6 * 2  # images + masks
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_different_seed_gives_different_images(tmp_path: Path) -> None:
+    a = write_phantom(tmp_path / "a", n_patients=4, size=64, seed=1)
+    b = write_phantom(tmp_path / "b", n_patients=4, size=64, seed=2)
+    name = "patient0000_0.png"
+    first = next(a.glob(f"*/{name}"))
+    second = next(b.glob(f"*/{name}"))
+    assert not np.array_equal(cv2.imread(str(first), 0), cv2.imread(str(second), 0))
+
+
+def test_every_image_has_a_binary_lung_mask_with_the_same_stem(phantom: Path) -> None:
+    for path, _ in images(phantom):
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(phantom / "masks" / path.name), cv2.IMREAD_UNCHANGED)
+        assert mask is not None and mask.shape == image.shape == (128, 128)
         assert set(np.unique(mask)) <= {0, 255}
-        assert 0.10 < (mask > 0).mean() < 0.50
+        assert 0.15 < (mask > 0).mean() < 0.45
 
 
-def test_labels_follow_prevalence_and_patients_keep_theirs(tmp_path: Path):
-    root = write_phantom(tmp_path, n_patients=20, images_per_patient=3, size=64, prevalence=0.25)
-
-    positives = {p.name.split("_")[0] for p in (root / "OPACITY").glob("*.png")}
-    negatives = {p.name.split("_")[0] for p in (root / "NORMAL").glob("*.png")}
-    assert len(positives) == 5 and len(negatives) == 15
-    assert not positives & negatives
-    assert len(list((root / "OPACITY").glob("*.png"))) == 15
-
-
-def test_cache_is_generated_once(tmp_path: Path):
-    first = ensure_phantom(tmp_path, n_patients=4, size=64)
-    stamp = first.stat().st_mtime_ns
-    second = ensure_phantom(tmp_path, n_patients=4, size=64)
-
-    assert second == first and second.stat().st_mtime_ns == stamp
-    assert ensure_phantom(tmp_path, n_patients=4, size=64, seed=1) != first
+def test_class_counts_follow_prevalence_and_patients_share_a_label(tmp_path: Path) -> None:
+    root = write_phantom(tmp_path, n_patients=20, images_per_patient=3, size=64, prevalence=0.3)
+    labels: dict[int, set[int]] = {}
+    for path, label in images(root):
+        labels.setdefault(int(PATIENT.match(path.name).group(1)), set()).add(label)
+    assert sorted(labels) == list(range(20))
+    assert all(len(s) == 1 for s in labels.values())
+    assert sum(s == {1} for s in labels.values()) == round(0.3 * 20)
+    assert len(images(root)) == 20 * 3
 
 
-def test_opacity_is_real_signal_but_global_statistics_do_not_solve_it(tmp_path: Path):
-    root = write_phantom(tmp_path, n_patients=120, images_per_patient=1, size=96, seed=0)
-    stats, lung_means, labels = [], [], []
-    for label, name in enumerate(CLASSES):
-        for path in sorted((root / name).glob("*.png")):
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32)
-            mask = cv2.imread(str(root / "masks" / path.name), cv2.IMREAD_GRAYSCALE) > 0
-            stats.append([image.mean(), image.std()])
-            lung_means.append(image[mask].mean() - image[~mask].mean())
-            labels.append(label)
-    labels_arr, lung = np.array(labels), np.array(lung_means)
+def test_ensure_phantom_generates_once(tmp_path: Path) -> None:
+    first = ensure_phantom(tmp_path, n_patients=5, size=64)
+    probe = first / "masks" / "patient0000_0.png"
+    mtime = probe.stat().st_mtime_ns
+    assert ensure_phantom(str(tmp_path), n_patients=5, size=64) == first
+    assert probe.stat().st_mtime_ns == mtime
+    assert f"v{GENERATOR_VERSION}" in first.name
+    assert ensure_phantom(tmp_path, n_patients=5, size=64, seed=1) != first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
-    # opacities brighten the lungs relative to the rest of the image...
-    assert lung[labels_arr == 1].mean() > lung[labels_arr == 0].mean()
-    # ...yet whole-image brightness and contrast are far from a perfect rule
-    auroc = cross_val_score(
-        LogisticRegression(), np.array(stats), labels_arr, cv=5, scoring="roc_auc"
-    ).mean()
-    assert auroc < 0.85
+
+def test_concurrent_ensure_phantom_calls_agree_on_one_complete_copy(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(4) as pool:  # like sweep jobs starting at once on a shared cache
+        roots = set(pool.map(lambda _: ensure_phantom(tmp_path, n_patients=30, size=64), range(4)))
+    assert len(roots) == 1
+    assert len(images(roots.pop())) == 60
+    assert len(list(tmp_path.iterdir())) == 1  # losers cleaned up their temporary copies
+
+
+@pytest.mark.parametrize("bad", [{"n_patients": 0}, {"size": 8}, {"prevalence": 1.5}])
+def test_bad_parameters_are_config_errors(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        ensure_phantom(tmp_path, **bad)
+
+
+def test_opacities_make_the_lungs_brighter_on_average(phantom: Path) -> None:
+    lung_mean: dict[int, list[float]] = {0: [], 1: []}
+    for path, label in images(phantom):
+        mask = cv2.imread(str(phantom / "masks" / path.name), 0) > 0
+        lung_mean[label].append(cv2.imread(str(path), 0)[mask].mean())
+    assert np.mean(lung_mean[1]) > np.mean(lung_mean[0]) + 3
+
+
+def test_whole_image_mean_and_std_do_not_separate_the_classes(phantom: Path) -> None:
+    pairs = images(phantom)
+    pixels = [cv2.imread(str(p), 0).astype(float) for p, _ in pairs]
+    features = np.array([[im.mean(), im.std()] for im in pixels])
+    labels = np.array([label for _, label in pairs])
+    scores = cross_val_predict(
+        LogisticRegression(), features, labels, cv=5, method="predict_proba"
+    )[:, 1]
+    assert roc_auc_score(labels, scores) < 0.75  # the task needs looking inside the lungs
