@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from medx.data.io import list_images, read_image, verify_images
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
 from medx.data.phantom import ensure_phantom
-from medx.data.splits import patient_ids, split_by_patient
+from medx.data.splits import kfold_by_patient, patient_ids, split_by_patient
 from medx.data.transforms import ImageTransform
 from medx.errors import ConfigError, DataError
 
@@ -80,6 +80,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
         seed: int = 0,
         download_hint: str = "",
+        folds: int = 1,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         self.root = Path(root) if root else None
@@ -89,6 +91,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.swap_val_test, self.patient_pattern = swap_val_test, patient_pattern
         self.augment, self.skip_bad_images, self.seed = augment, skip_bad_images, seed
         self.download_hint = download_hint
+        self.folds, self.fold = folds, fold
         self.mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # set from the backbone by medx.train
         self.std: tuple[float, ...] = (0.5, 0.5, 0.5)
         self.splits: dict[str, Samples] = {}
@@ -146,6 +149,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         splits = {s: self._scan(d) for s, d in layout.items()}
         if "train" not in splits:
             splits["train"] = self._scan(root)
+        if self.folds > 1:
+            self._cross_validation_pool(splits)
         missing = {s: f for s, f in self.fractions.items() if not splits.get(s, Samples()).paths}
         if missing:
             pool = splits["train"]
@@ -155,6 +160,28 @@ class ImageFolderDataModule(L.LightningDataModule):
             splits["val"], splits["test"] = splits["test"], splits["val"]
         self.splits = splits
         self._log_counts()
+
+    def _cross_validation_pool(self, splits: dict[str, Samples]) -> None:
+        """k-fold: val is fold `fold` of the pool left once test is set aside (given or carved).
+
+        A given val/ folder joins the pool: with cross-validation every pool patient is
+        validated on exactly once, so a fixed val split would only shrink the folds.
+        """
+        pool = splits["train"]
+        if not splits.get("test", Samples()).paths:
+            test_share = {"test": self.fractions["test"]}
+            parts = split_by_patient(pool.labels, pool.patients, test_share, self.seed)
+            splits["test"] = pool.subset(parts["test"])
+            pool = pool.subset(parts["train"])
+        given_val = splits.pop("val", Samples())
+        pool = Samples(
+            pool.paths + given_val.paths,
+            pool.labels + given_val.labels,
+            pool.patients + given_val.patients,
+        )
+        train, val = kfold_by_patient(pool.labels, pool.patients, self.folds, self.fold, self.seed)
+        splits["train"], splits["val"] = pool.subset(train), pool.subset(val)
+        log.info("%s: fold %d of %d as the val split", self.name, self.fold, self.folds)
 
     def _scan(self, split_dir: Path) -> Samples:
         samples = Samples()

@@ -1,0 +1,95 @@
+"""k-fold cross-validation as a sweep: folds as child runs, mean ± sd on the parent, compared."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from medx.data.classification import PhantomDataModule
+
+
+def test_folds_partition_the_pool_and_keep_the_test_split(phantom_cache: Path):
+    def splits(fold: int) -> dict:
+        dm = PhantomDataModule(phantom_cache, n_patients=40, folds=3, fold=fold, num_workers=0)
+        dm.setup()
+        return {s: set(dm.splits[s].patients) for s in ("train", "val", "test")}
+
+    folds = [splits(k) for k in range(3)]
+    assert all(f["test"] == folds[0]["test"] for f in folds)  # carved before the folds
+    vals = [f["val"] for f in folds]
+    assert not (vals[0] & vals[1] or vals[0] & vals[2] or vals[1] & vals[2])
+    pool = vals[0] | vals[1] | vals[2]
+    assert all(f["train"] | f["val"] == pool and not f["train"] & f["val"] for f in folds)
+    assert not pool & folds[0]["test"]
+
+
+@pytest.mark.slow
+def test_three_fold_sweep_nests_folds_under_a_parent_with_mean_and_sd(
+    tmp_path: Path, phantom_cache: Path
+):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    args = [
+        "-m",
+        "data.fold=0,1,2",
+        "data.folds=3",
+        "model.backbone=test_resnet",
+        "data.n_patients=40",
+        "data.image_size=48",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        "logger.experiment_name=cv",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={phantom_cache}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "medx.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    every = client.search_runs([client.get_experiment_by_name("cv").experiment_id])
+    (parent,) = [r for r in every if r.data.tags.get("medx.sweep") == "parent"]
+    folds = [r for r in every if r is not parent]
+    assert sorted(r.data.params["data.fold"] for r in folds) == ["0", "1", "2"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in folds} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"
+    aurocs = [r.data.metrics["test/auroc"] for r in folds]
+    assert parent.data.metrics["test/auroc_mean"] == pytest.approx(sum(aurocs) / 3)
+    assert "test/auroc_std" in parent.data.metrics and "val/auroc_mean" in parent.data.metrics
+
+    compared = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medx.compare",
+            "--experiment=cv",
+            f"--parent={parent.info.run_id}",
+            f"--out={tmp_path / 'compare'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    lines = compared.stdout.strip().splitlines()
+    assert "test/auroc" in lines[0] and "model.backbone" in lines[0]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        [str(i), "test_resnet-phantom-full"] for i in (1, 2, 3)
+    ]
+    table = pd.read_csv(tmp_path / "compare" / "compare.csv")
+    assert set(table["run_id"]) == {r.info.run_id for r in folds}
+    assert table["test/auroc"].is_monotonic_decreasing
+    assert (tmp_path / "compare" / "compare.png").stat().st_size > 0
