@@ -111,15 +111,12 @@ def _log_new_params(logger: MLFlowLogger, params: dict[str, str]) -> None:
     logger.log_hyperparams({k: v for k, v in params.items() if k not in old})
 
 
-def check_reachable(loggers: list[Logger]) -> None:
+def check_reachable(uri: str) -> None:
     """Fail in seconds, before data setup, when an MLflow server does not answer.
 
     MLflow retries HTTP calls with backoff for minutes by default; this one probe does not.
     """
-    for logger in mlflow_loggers(loggers):
-        uri = str(logger._tracking_uri)
-        if not uri.startswith(("http://", "https://")):
-            continue
+    if uri.startswith(("http://", "https://")):
         saved = {k: os.environ.get(k) for k in _PROBE_ENV}
         os.environ.update(_PROBE_ENV)
         try:

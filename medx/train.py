@@ -13,7 +13,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
 
-from medx import tracking
+from medx import resume, tracking
 from medx.config import config_dir
 from medx.errors import ConfigError, MedxError
 
@@ -47,6 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.mean, datamodule.std = model.mean, model.std
         tracking.log_params(loggers, datamodule.summary())
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        callbacks.append(resume.RandomState())  # so that ckpt_path resumes exactly
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = dict(trainer.callback_metrics)
@@ -75,7 +76,13 @@ def _report(
 
 
 def _loggers(cfg: DictConfig) -> list[Logger]:
-    return [instantiate(cfg.logger)] if cfg.get("logger") else []
+    """The configured logger; fails fast on an unreachable MLflow server; resumes a run."""
+    if not cfg.get("logger"):
+        return []
+    if cfg.logger.get("tracking_uri"):
+        tracking.check_reachable(str(cfg.logger.tracking_uri))
+    run_id = resume.resolve_last(cfg)  # ckpt_path=last: continue that checkpoint's MLflow run
+    return [instantiate(cfg.logger, **({"run_id": run_id} if run_id else {}))]
 
 
 def _overrides() -> list[str]:
