@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: install train test test-all lint ui bench clean
+.PHONY: install train test test-all lint ui mlflow-server bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ lint: install
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port $(PORT)
+
+# A tracking server for a team: runs log to it with MLFLOW_TRACKING_URI=http://<host>:$(PORT).
+# MLFLOW_BACKEND=postgresql://user:pw@host/db for Postgres; HOST=0.0.0.0 to serve beyond this machine.
+MLFLOW_BACKEND ?= $(MLFLOW_DB)
+HOST ?= 127.0.0.1
+mlflow-server: install
+	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --host $(HOST) --port $(PORT)
 
 bench: install
 	$(BIN)/python benchmarks/default_run.py
