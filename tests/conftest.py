@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, open_dict
@@ -41,17 +42,19 @@ def make_cfg(tmp_path: Path, phantom_cache: Path, monkeypatch: pytest.MonkeyPatc
     """Compose the real train config with test-sized overrides, as `medx.train` would run it.
 
     Everything a run writes (outputs, the sqlite MLflow store) goes under tmp_path; the phantom
-    is small (60 patients, 64 px) and the network tiny (timm's test_resnet).
+    is small (60 patients, 64 px) and the network tiny (timm's test_resnet, as a classifier
+    or as a segmentation encoder).
     """
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
     def make(*overrides: str) -> DictConfig:
-        phantom = [] if any(o.startswith("data=") for o in overrides) else ["data.n_patients=60"]
+        data = [o.split("=", 1)[1] for o in overrides if o.startswith("data=")]
+        phantom = ["data.n_patients=60"] if not data or data[-1].startswith("phantom") else []
         cfg = compose(
             [
                 f"paths.root_dir={tmp_path}",
                 f"paths.cache_dir={phantom_cache}",
-                "model.backbone=test_resnet",
+                *_tiny_network(overrides),
                 *phantom,
                 "data.image_size=64",
                 "data.num_workers=0",
@@ -67,6 +70,14 @@ def make_cfg(tmp_path: Path, phantom_cache: Path, monkeypatch: pytest.MonkeyPatc
         return cfg
 
     return make
+
+
+def _tiny_network(overrides: tuple[str, ...]) -> list[str]:
+    """The override that makes the chosen model family's network tiny."""
+    task = get_class(compose(list(overrides)).model._target_).task
+    if task == "segmentation":
+        return ["model.encoder=tu-test_resnet"]
+    return ["model.backbone=test_resnet"]
 
 
 @pytest.fixture

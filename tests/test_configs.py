@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import MissingConfigException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from medx.config import compose, config_dir
 
@@ -43,9 +44,11 @@ def test_every_choice_composes(group: str, tmp_path: Path):
 @pytest.mark.parametrize("choice", choices("model"))
 def test_every_model_instantiates(choice: str):
     cfg = compose([f"model={choice}"])
+    segmentation = get_class(cfg.model._target_).task == "segmentation"
     model = instantiate(
         cfg.model,
-        num_classes=3,
+        # what the task family's data module passes (its model_kwargs())
+        **({"image_size": 64} if segmentation else {"num_classes": 3}),
         strategy=cfg.strategy,
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
@@ -54,7 +57,10 @@ def test_every_model_instantiates(choice: str):
     if getattr(model, "inputs", "image") == "features":  # a feature baseline: one linear layer
         assert model.linear.out_features == 3
         return
-    assert model.net.get_classifier().out_features == 3
+    if segmentation:
+        assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    else:
+        assert model.net.get_classifier().out_features == 3
     assert len(model.blocks) >= 4  # stem + stages: what strategies act on
 
 

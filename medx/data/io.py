@@ -157,6 +157,36 @@ def read_gray(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
 
 
+def read_mask(path: str | Path) -> np.ndarray:
+    """Decode a binary mask to uint8 HxW of 0/1; anything else is a BadImageError naming it.
+
+    Accepted: one channel holding only {0, 255} or only {0, 1}. A colour mask, or one with
+    grey levels (saved as JPEG, or resized with interpolation), is rejected rather than
+    thresholded: a silently wrong mask trains and scores a wrong model.
+    """
+    path = Path(path)
+    img = _decode(path)
+    channels = _channels(img, path)
+    if channels != 1:
+        raise _bad(
+            path,
+            f"is a mask with {channels} channels; save it as a single-channel (grayscale) PNG "
+            "of 0/255 or 0/1",
+        )
+    mask = img.reshape(img.shape[:2])
+    values = np.unique(mask)
+    if set(values.tolist()) <= {0, 255}:
+        return (mask > 0).astype(np.uint8)
+    if set(values.tolist()) <= {0, 1}:
+        return mask.astype(np.uint8)
+    shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+    raise _bad(
+        path,
+        f"is a mask with values {{{shown}}}; masks must hold only 0/255 or only 0/1 "
+        "(binarise it, and save it as PNG, not JPEG)",
+    )
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (not in subfolders), sorted by name.
 

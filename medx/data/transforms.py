@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from medx.errors import ConfigError
@@ -52,3 +53,30 @@ class ImageTransform:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.steps(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+
+
+class SegmentationTransform:
+    """An image and its mask through the same geometric steps (picklable for workers).
+
+    The mask travels as a `tv_tensors.Mask`, so torchvision applies every crop, rotation and
+    resize to it with nearest-neighbour sampling and leaves it out of colour changes and
+    normalisation: image and mask cannot drift apart.
+    """
+
+    def __init__(
+        self, size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"
+    ) -> None:
+        self.steps = v2.Compose(
+            [
+                *_augmentations(augment, size),
+                v2.ToDtype(torch.float32, scale=True),  # images only; the mask stays integer
+                v2.Normalize(mean=list(mean), std=list(std)),
+            ]
+        )
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """HxWx3 uint8 image, HxW {0,1} mask → normalised 3xSxS float, 1xSxS float {0,1}."""
+        img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        msk = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask))[None])
+        img, msk = self.steps(img, msk)
+        return img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).float()

@@ -97,16 +97,21 @@ def _create(arch: str, num_classes: int, pretrained: bool, drop_rate: float) -> 
     except (OSError, RuntimeError) as err:  # huggingface_hub raises OSError subclasses offline
         if not pretrained:
             raise
-        raise MedxError(
-            f"Could not download ImageNet weights for {arch!r} ({type(err).__name__}: {err}). "
-            "Without internet access, train from scratch with model.pretrained=false, or load "
-            "a local timm/torchvision state dict with model.pretrained=false "
-            "model.weights=/path/to/weights.pth."
-        ) from err
+        raise download_error(arch, err) from err
+
+
+def download_error(arch: str, err: BaseException) -> MedxError:
+    """The message for pretrained weights that cannot be fetched (offline, blocked hub)."""
+    return MedxError(
+        f"Could not download ImageNet weights for {arch!r} ({type(err).__name__}: {err}). "
+        "Without internet access, train from scratch with model.pretrained=false, or load "
+        "a local timm/torchvision state dict with model.pretrained=false "
+        "model.weights=/path/to/weights.pth."
+    )
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a local timm or torchvision state dict; the classifier head is left new."""
+    """Load a local timm or torchvision state dict; a classifier head is left new."""
     if not path.is_file():
         raise ConfigError(f"model.weights={path} does not exist: give a local .pth/.pt file.")
     try:
@@ -117,7 +122,10 @@ def load_weights(model: nn.Module, path: Path) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = {_strip_prefix(k): v for k, v in state.items()}
-    head = _param_names(model, model.get_classifier())
+    # Classifiers keep their new head; a segmentation encoder has none.
+    head = (
+        _param_names(model, model.get_classifier()) if hasattr(model, "get_classifier") else set()
+    )
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k not in head and k in own}
     mismatched = [k for k, v in state.items() if v.shape != own[k].shape]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,11 +13,9 @@ from torchmetrics import AUROC, Accuracy, F1Score, MetricCollection, Recall, Spe
 
 from medx.models.backbones import create_backbone
 from medx.models.strategy import Strategy
+from medx.models.transfer import Optimizer, Scheduler, TransferModule
 
 log = logging.getLogger(__name__)
-
-Optimizer = Callable[..., torch.optim.Optimizer]
-Scheduler = Callable[[torch.optim.Optimizer], Any]
 
 
 def inverse_frequency_weights(counts: Sequence[int]) -> torch.Tensor:
@@ -28,7 +24,7 @@ def inverse_frequency_weights(counts: Sequence[int]) -> torch.Tensor:
     return (inv / inv.sum() * len(counts)).float()
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(TransferModule):
     """Transfer-learning classifier; binary tasks treat class index 1 as positive."""
 
     task = "classification"
@@ -48,22 +44,12 @@ class ClassificationModule(L.LightningModule):
         scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__()
-        strategy = Strategy(**strategy) if isinstance(strategy, dict) else strategy or Strategy()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "strategy"], logger=False)
-        self.hparams["strategy"] = asdict(strategy)
-        self.strategy = strategy
-        self.optimizer_factory = optimizer or torch.optim.AdamW
-        self.scheduler_factory = scheduler
         spec = create_backbone(backbone, num_classes, pretrained, weights, drop_rate)
-        self.net, self.blocks, self.head = spec.model, spec.blocks, spec.head
-        self.mean, self.std = spec.mean, spec.std
-        self._param_groups = strategy.apply(self.net, self.blocks, self.head)
-        if strategy.unfreeze_last is not None and not (pretrained or weights):
-            log.warning(
-                "strategy=%s freezes backbone blocks, but the backbone is randomly initialised "
-                "(model.pretrained=false, no model.weights): frozen blocks stay random.",
-                strategy.name,
-            )
+        self.net, self.mean, self.std = spec.model, spec.mean, spec.std
+        self.use_strategy(
+            strategy, optimizer, scheduler, spec.blocks, spec.head, pretrained or bool(weights)
+        )
         weight = None
         if class_weights:
             if class_counts is None:
@@ -78,17 +64,6 @@ class ClassificationModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def train(self, mode: bool = True) -> ClassificationModule:
-        """Keep frozen blocks in eval mode (BatchNorm statistics frozen too)."""
-        super().train(mode)
-        if mode:
-            for module in Strategy.frozen_modules(self.net):
-                module.eval()
-        return self
-
-    def on_train_epoch_start(self) -> None:
-        self.train()  # Lightning leaves module modes alone; re-assert the frozen blocks' eval
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         x, y = batch
@@ -121,18 +96,6 @@ class ClassificationModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return torch.softmax(self(batch[0]), dim=1)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self._param_groups)
-        for group in optimizer.param_groups:  # the strategy's lower backbone LR
-            group["lr"] *= group["lr_scale"]
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
-        }
 
 
 def class_scores(logits: torch.Tensor) -> torch.Tensor:

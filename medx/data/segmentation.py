@@ -1,0 +1,358 @@
+"""Binary segmentation data: `images/` + `masks/` (same file stem), real or phantom.
+
+Two layouts are understood:
+- pool layout: `root/images/*` + `root/masks/*`; val and test are carved out by patient;
+- split layout: `root/{train,val,test}/{images,masks}/*`; a missing val/ or test/ is carved
+  out of train/ by patient.
+
+Patients come from `root/metadata.csv` (columns `image`, `patient_id`) when it exists, else
+from `patient_pattern` on file names, else each image is its own patient. Every pair is
+decoded and checked once in `setup` (mask present, one channel, binary, same size as its
+image) and kept in memory at `image_size`: chest X-rays of 3,000+ px would otherwise be
+decoded again every epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medx.data.io import BadImageError, list_images, read_image, read_mask
+from medx.data.phantom import CLASSES as PHANTOM_CLASSES
+from medx.data.phantom import ensure_phantom
+from medx.data.splits import patient_ids, split_by_patient
+from medx.data.transforms import SegmentationTransform
+from medx.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+STRIDE = 32  # smp encoders downsample five times: sides must be multiples of 32
+
+
+@dataclass
+class Pairs:
+    """One split: image files, their mask files and the patient of each image."""
+
+    images: list[Path] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
+
+    def subset(self, index: np.ndarray) -> Pairs:
+        return Pairs(
+            [self.images[i] for i in index],
+            [self.masks[i] for i in index],
+            [self.patients[i] for i in index],
+        )
+
+
+def find_masks(images: list[Path], mask_dir: Path, skip_missing: bool) -> Pairs:
+    """Pair each image with the mask of the same stem in `mask_dir`."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in list_images(mask_dir):
+        by_stem.setdefault(path.stem, []).append(path)
+    pairs = Pairs()
+    for image in images:
+        found = by_stem.get(image.stem, [])
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise DataError(
+                f"Image {image} has {len(found)} masks in {mask_dir} ({names}); keep exactly "
+                "one mask per image stem."
+            )
+        if not found:
+            message = (
+                f"Image {image} has no mask: expected {mask_dir / image.stem}.png (same file "
+                "stem as the image). Add the mask, remove the image, or set "
+                "data.skip_bad_images=true to skip images without a usable mask."
+            )
+            if not skip_missing:
+                raise DataError(message)
+            log.warning("Skipping: %s", message)
+            continue
+        pairs.images.append(image)
+        pairs.masks.append(found[0])
+    return pairs
+
+
+def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, check and resize one pair: (size x size x 3 uint8, size x size {0,1} uint8).
+
+    The mask is resized as a coverage fraction (area interpolation) and thresholded at one
+    half, so that a 3,000 px mask shrunk to 256 px keeps its outline rather than a nearest-
+    neighbour sample of it.
+    """
+    image = read_image(image_path)
+    mask = read_mask(mask_path)
+    if mask.shape != image.shape[:2]:
+        raise BadImageError(
+            f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} px but its image {image_path} "
+            f"is {image.shape[1]}x{image.shape[0]} px; a mask must have its image's size. "
+            "Fix the mask, or set data.skip_bad_images=true to skip the pair.",
+            mask_path,
+        )
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    cover = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return image, (cover >= 0.5).astype(np.uint8)
+
+
+class SegmentationDataset(Dataset):
+    """Pre-resized arrays in memory; items are (image, mask, index into the split)."""
+
+    def __init__(
+        self, images: list[np.ndarray], masks: list[np.ndarray], transform: SegmentationTransform
+    ) -> None:
+        self.images, self.masks, self.transform = images, masks, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, mask = self.transform(self.images[i], self.masks[i])
+        return image, mask, i
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Image/mask pairs; splits grouped by patient (metadata.csv or `patient_pattern`)."""
+
+    task = "segmentation"
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        name: str = "segmentation",
+        image_size: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        val_from_train: float = 0.15,
+        test_from_train: float = 0.15,
+        metadata: str | None = "metadata.csv",
+        patient_pattern: str | None = None,
+        augment: str = "light",
+        skip_bad_images: bool = False,
+        seed: int = 0,
+        download_hint: str = "",
+    ) -> None:
+        super().__init__()
+        if image_size % STRIDE:
+            nearest = max(STRIDE, image_size // STRIDE * STRIDE)
+            raise ConfigError(
+                f"data.image_size={image_size} must be a multiple of {STRIDE} for segmentation "
+                f"(the encoder halves it five times), e.g. {nearest}."
+            )
+        self.root = Path(root) if root else None
+        self.name, self.image_size = name, image_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.fractions = {"val": val_from_train, "test": test_from_train}
+        self.metadata, self.patient_pattern = metadata, patient_pattern
+        self.augment, self.skip_bad_images, self.seed = augment, skip_bad_images, seed
+        self.download_hint = download_hint
+        self.mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # set from the model by medx.train
+        self.std: tuple[float, ...] = (0.5, 0.5, 0.5)
+        self.splits: dict[str, Pairs] = {}
+        self.arrays: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+
+    def model_kwargs(self) -> dict:
+        """The model records the input size, so a checkpoint can predict on its own."""
+        return {"image_size": self.image_size}
+
+    def summary(self) -> dict:
+        """Logged to MLflow: images, patients and lung-pixel fraction per split."""
+        self.setup()
+        return {
+            "dataset.counts": {
+                s: {
+                    "images": len(self.splits[s].images),
+                    "patients": len(set(self.splits[s].patients)),
+                    "mask_fraction": round(_mask_fraction(self.arrays[s][1]), 4),
+                }
+                for s in SPLITS
+            }
+        }
+
+    def resolve_root(self) -> Path:
+        """The directory to read; the phantom subclass generates it first."""
+        if self.root is None or not self.root.is_dir():
+            raise DataError(
+                f"data.root={self.root} does not exist (data={self.name}). "
+                + (self.download_hint or "Point data.root at a folder with images/ and masks/.")
+            )
+        return self.root
+
+    def pool_dirs(self, root: Path) -> tuple[list[Path], Path]:
+        """(image folders, mask folder) of one split or of the pool."""
+        return [root / "images"], root / "masks"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        root = self.resolve_root()
+        layout = {s: root / s for s in SPLITS if (root / s).is_dir()}
+        splits = {s: self._scan(d) for s, d in layout.items()}
+        if "train" not in splits:
+            splits["train"] = self._scan(root)
+        missing = {s: f for s, f in self.fractions.items() if not splits.get(s, Pairs()).images}
+        if missing:
+            pool = splits["train"]
+            labels = [0] * len(pool.images)  # nothing to stratify: one class of image
+            parts = split_by_patient(labels, pool.patients, missing, self.seed)
+            splits.update({s: pool.subset(idx) for s, idx in parts.items()})
+        self.arrays = {s: self._load(splits[s]) for s in SPLITS}
+        self.splits = splits
+        for s in SPLITS:
+            log.info(
+                "%s %-5s %4d images, %4d patients",
+                self.name,
+                s,
+                len(splits[s].images),
+                len(set(splits[s].patients)),
+            )
+
+    def _scan(self, split_root: Path) -> Pairs:
+        image_dirs, mask_dir = self.pool_dirs(split_root)
+        for folder in (*image_dirs, mask_dir):
+            if not folder.is_dir():
+                raise DataError(
+                    f"{folder} is missing: data={self.name} expects images/ and masks/ "
+                    f"(same file stems) in {split_root}."
+                )
+        images = [p for d in image_dirs for p in list_images(d)]
+        if not images:
+            raise DataError(
+                f"{', '.join(map(str, image_dirs))} holds no images (.png/.jpg/.jpeg/...): add "
+                "images or point data.root elsewhere."
+            )
+        pairs = find_masks(images, mask_dir, skip_missing=self.skip_bad_images)
+        pairs.patients = self._patients(split_root, pairs.images)
+        return pairs
+
+    def _patients(self, split_root: Path, images: list[Path]) -> list[str]:
+        table = _read_metadata(split_root, self.metadata) or _read_metadata(
+            self.root or split_root, self.metadata
+        )
+        if table is None:
+            return patient_ids(images, self.patient_pattern)
+        unknown = [p.name for p in images if p.name not in table]
+        if unknown:
+            log.warning(
+                "%d of %d images are not in %s, so each is its own patient (e.g. %s)",
+                len(unknown),
+                len(images),
+                self.metadata,
+                ", ".join(unknown[:3]),
+            )
+        return [table.get(p.name, f"file:{p.stem}") for p in images]
+
+    def _load(self, pairs: Pairs) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Decode and check every pair (threads: cv2 releases the GIL); drop bad ones if asked."""
+        workers = min(8, (os.cpu_count() or 1) + 2)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medx-masks") as pool:
+            results = list(pool.map(self._try_load, pairs.images, pairs.masks))
+        keep = [i for i, r in enumerate(results) if not isinstance(r, BadImageError)]
+        for result in results:
+            if isinstance(result, BadImageError):
+                if not self.skip_bad_images:
+                    raise result
+                log.warning("Skipping bad pair: %s", result)
+        kept = pairs.subset(np.asarray(keep, dtype=int))
+        pairs.images, pairs.masks, pairs.patients = kept.images, kept.masks, kept.patients
+        return [results[i][0] for i in keep], [results[i][1] for i in keep]
+
+    def _try_load(self, image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray] | BadImageError:
+        try:
+            return load_pair(image, mask, self.image_size)
+        except BadImageError as err:
+            return err
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        transform = SegmentationTransform(
+            self.image_size, self.mean, self.std, self.augment if train else "none"
+        )
+        dataset = SegmentationDataset(*self.arrays[split], transform)
+        if not len(dataset):
+            raise ConfigError(f"The {split} split of data={self.name} is empty.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class PhantomSegDataModule(SegmentationDataModule):
+    """The embedded default: the phantom's lung masks, generated once into `cache_dir`."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        n_patients: int = 400,
+        images_per_patient: int = 2,
+        size: int = 128,
+        prevalence: float = 0.5,
+        generator_seed: int = 0,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("name", "phantom_seg")
+        kwargs.setdefault("patient_pattern", r"patient(\d+)_")
+        kwargs.setdefault("metadata", None)
+        super().__init__(root=None, **kwargs)
+        self.cache_dir = Path(cache_dir)
+        self.phantom = dict(
+            n_patients=n_patients,
+            images_per_patient=images_per_patient,
+            size=size,
+            prevalence=prevalence,
+            seed=generator_seed,
+        )
+
+    def prepare_data(self) -> None:
+        ensure_phantom(self.cache_dir, **self.phantom)
+
+    def resolve_root(self) -> Path:
+        self.root = ensure_phantom(self.cache_dir, **self.phantom)
+        return self.root
+
+    def pool_dirs(self, root: Path) -> tuple[list[Path], Path]:
+        return [root / c for c in PHANTOM_CLASSES], root / "masks"
+
+
+def _read_metadata(root: Path, name: str | None) -> dict[str, str] | None:
+    """{image file name: patient id} from root/<name>, or None when there is no such file."""
+    if not name or not (root / name).is_file():
+        return None
+    path = root / name
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"image", "patient_id"} <= set(rows[0]):
+        raise DataError(
+            f"{path} must have the columns 'image' (file name) and 'patient_id'; "
+            "fix it, or set data.metadata=null to take patients from file names."
+        )
+    return {r["image"]: f"patient:{r['patient_id']}" for r in rows if r["patient_id"]}
+
+
+def _mask_fraction(masks: list[np.ndarray]) -> float:
+    return float(np.mean([m.mean() for m in masks])) if masks else 0.0

@@ -1,0 +1,138 @@
+"""Segmentation data: pairing, checks on bad masks, aligned augmentation, patient splits."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from medx.data.io import BadImageError
+from medx.data.segmentation import PhantomSegDataModule, SegmentationDataModule
+from medx.data.transforms import SegmentationTransform
+from medx.errors import ConfigError, DataError
+
+
+def _pair_folder(root: Path, n: int = 12, patients: int = 6) -> Path:
+    """root/images (mixed JPEG/PNG, gray/RGB, mixed sizes) + root/masks + metadata.csv."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for i in range(n):
+        h, w = 90 + 10 * i, 120 - 3 * i
+        mask = np.zeros((h, w), np.uint8)
+        cv2.ellipse(mask, (w // 3, h // 2), (w // 6, h // 3), 0, 0, 360, 255, -1)
+        image = np.where(mask > 0, 60, 200).astype(np.uint8)
+        suffix = ".jpg" if i % 2 else ".png"
+        if i % 3 == 0:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        cv2.imwrite(str(root / "images" / f"img{i:02d}{suffix}"), image)
+        cv2.imwrite(str(root / "masks" / f"img{i:02d}.png"), mask if i % 2 else mask // 255)
+        rows.append({"image": f"img{i:02d}{suffix}", "patient_id": i % patients})
+    with (root / "metadata.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["image", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def _module(root: Path, **kwargs) -> SegmentationDataModule:
+    kwargs = {"image_size": 64, "num_workers": 0, "batch_size": 4, **kwargs}
+    return SegmentationDataModule(root, val_from_train=0.2, test_from_train=0.2, **kwargs)
+
+
+def test_mixed_images_are_resized_with_their_masks_and_split_by_patient(tmp_path: Path):
+    dm = _module(_pair_folder(tmp_path / "pairs"))
+    dm.setup()
+
+    patients = {s: set(dm.splits[s].patients) for s in ("train", "val", "test")}
+    assert patients["train"] and patients["val"] and patients["test"]
+    assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
+    x, y, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 64, 64) and y.shape == (4, 1, 64, 64)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    for image, mask in zip(*dm.arrays["val"], strict=True):
+        dark = image[..., 0] < 130  # the ellipse is drawn dark: it must sit on the mask
+        assert (dark == mask.astype(bool)).mean() > 0.97
+    summary = dm.summary()["dataset.counts"]
+    assert sum(summary[s]["images"] for s in summary) == 12
+
+
+def test_augmentation_moves_image_and_mask_together():
+    """An image that *is* its mask must still be its mask after every random transform."""
+    mask = np.zeros((80, 80), np.uint8)
+    mask[10:35, 12:60] = 1  # off-centre and asymmetric: any flip, shift or turn shows
+    mask[35:70, 12:25] = 1
+    image = np.repeat(mask[..., None] * 255, 3, axis=2)
+    transform = SegmentationTransform(64, (0.5,) * 3, (0.5,) * 3, augment="strong")
+    torch.manual_seed(0)
+    for _ in range(20):
+        x, y = transform(image, mask)
+        assert set(y.unique().tolist()) <= {0.0, 1.0}
+        agreement = ((x[0] > 0) == y[0].bool()).float().mean()
+        assert agreement > 0.95
+
+
+def test_phantom_masks_are_the_default_segmentation_data(phantom_cache: Path):
+    dm = PhantomSegDataModule(phantom_cache, n_patients=20, image_size=64, num_workers=0)
+    dm.setup()
+    x, y, _ = next(iter(dm.val_dataloader()))
+    assert x.shape[1:] == (3, 64, 64) and 0.05 < y.mean() < 0.6  # lungs, not all or nothing
+
+
+def test_image_size_must_suit_the_encoder():
+    with pytest.raises(ConfigError, match=r"image_size=100 must be a multiple of 32.*96"):
+        SegmentationDataModule("/x", image_size=100)
+
+
+def test_missing_mask_names_the_image(tmp_path: Path):
+    root = _pair_folder(tmp_path / "pairs")
+    (root / "masks" / "img03.png").unlink()
+
+    with pytest.raises(DataError, match=r"img03\.jpg has no mask.*masks/img03\.png"):
+        _module(root).setup()
+
+    dm = _module(root, skip_bad_images=True)  # asked for: skip with a warning
+    dm.setup()
+    assert sum(len(p.images) for p in dm.splits.values()) == 11
+
+
+def test_mask_of_another_size_names_both_files(tmp_path: Path):
+    root = _pair_folder(tmp_path / "pairs")
+    cv2.imwrite(str(root / "masks" / "img04.png"), np.zeros((10, 10), np.uint8))
+
+    with pytest.raises(BadImageError, match=r"Mask .*img04\.png is 10x10 px but its image"):
+        _module(root).setup()
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (np.full((90, 120), 128, np.uint8), r"values \{128\}.*only 0/255 or only 0/1"),
+        (np.zeros((90, 120, 3), np.uint8), r"3 channels.*single-channel"),
+    ],
+)
+def test_non_binary_or_colour_mask_names_the_file(tmp_path: Path, mask, message):
+    root = _pair_folder(tmp_path / "pairs")
+    cv2.imwrite(str(root / "masks" / "img00.png"), mask)
+
+    with pytest.raises(BadImageError, match=r"img00\.png.*" + message):
+        _module(root).setup()
+    dm = _module(root, skip_bad_images=True)
+    dm.setup()
+    assert "img00.png" not in {p.name for s in dm.splits.values() for p in s.images}
+
+
+def test_empty_image_folder_names_it(tmp_path: Path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DataError, match=r"images holds no images"):
+        _module(tmp_path).setup()
+
+
+def test_missing_root_says_what_to_set(tmp_path: Path):
+    with pytest.raises(DataError, match=r"data\.root=.*nowhere does not exist"):
+        _module(tmp_path / "nowhere").setup()

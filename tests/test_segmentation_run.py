@@ -1,0 +1,90 @@
+"""End-to-end segmentation: `model=unet data=...` through train(), MLflow and prediction."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+from mlflow import MlflowClient
+
+from medx.data.io import read_image
+from medx.errors import ConfigError, DataError
+from medx.predict import main as predict_main
+from medx.predict import predict_folder
+from medx.train import train
+
+
+def test_lung_masks_on_real_chest_xrays_are_tracked_in_mlflow(
+    make_cfg, tracked_runs, mlflow_client: MlflowClient, medx_data: Path, tmp_path: Path
+):
+    cfg = make_cfg(
+        "model=unet",
+        "data=lung_seg",
+        f"data.root={medx_data / 'lung_seg'}",
+        "data.batch_size=8",
+        "model.overlay_images=4",
+    )
+
+    metrics = train(cfg)
+
+    (run,) = tracked_runs()
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "unet-tu-test_resnet-lung_seg-full"
+    keys = ("val/dice", "val/iou", "test/dice", "test/iou", "test/accuracy", "test/dice_median")
+    for key in keys:
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
+        assert run.data.metrics[key] == pytest.approx(metrics[key])
+    assert metrics["test/dice"] > 0.5  # lungs cover a third of a chest X-ray: not nothing
+    assert run.data.metrics["test/dice_worst5"] <= run.data.metrics["test/dice_median"]
+    assert len(mlflow_client.get_metric_history(run.info.run_id, "val/dice")) == 2
+    assert int(run.data.params["dataset.counts.test.images"]) > 0
+    overlays = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "overlays")}
+    expected = {"val_epoch000.png", "val_epoch001.png", "test.png", "test_worst.png"}
+    assert {f"overlays/{name}" for name in expected} == overlays
+    grid = read_image(Path(cfg.paths.output_dir) / "overlays" / "test_worst.png")
+    assert (grid[..., 1] > 150).any() and (grid[..., 0] > 200).any()  # green truth, red pred
+    with (Path(cfg.paths.output_dir) / "test_dice.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == int(run.data.params["dataset.counts.test.images"])
+    assert [float(r["dice"]) for r in rows] == sorted(float(r["dice"]) for r in rows)
+
+
+def test_phantom_checkpoint_predicts_masks_at_the_original_size(
+    make_cfg, medx_data: Path, tmp_path: Path, capsys
+):
+    cfg = make_cfg("model=fpn", "data=phantom_seg", "logger=none", "trainer.max_epochs=1")
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    originals = sorted((medx_data / "lung_seg" / "images").iterdir())[:3]
+    for path in originals:  # JPEG/PNG, far larger than the 64 px the model saw
+        shutil.copy(path, inputs / path.name)
+
+    masks = predict_folder(ckpt, inputs, tmp_path / "masks")
+
+    assert [m.stem for m in masks] == [p.stem for p in originals]
+    for mask_path, image_path in zip(masks, originals, strict=True):
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == read_image(image_path).shape[:2]
+        assert set(mask.flatten().tolist()) <= {0, 255}
+    predict_main([str(ckpt), str(inputs), str(tmp_path / "cli")])
+    assert "3 masks written" in capsys.readouterr().out
+    assert len(list((tmp_path / "cli").glob("*.png"))) == 3
+
+
+def test_a_classification_checkpoint_is_refused(make_cfg, tmp_path: Path):
+    cfg = make_cfg("logger=none", "trainer.max_epochs=1", "test=false")
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+    with pytest.raises(DataError, match="not a medx segmentation checkpoint"):
+        predict_folder(ckpt, tmp_path, tmp_path / "out")
+
+
+def test_unet_on_classification_data_is_a_config_error(make_cfg):
+    with pytest.raises(ConfigError, match=r"segmentation model but data=.* is classification"):
+        train(make_cfg("model=unet", "data=pneumonia"))
