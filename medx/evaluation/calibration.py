@@ -93,4 +93,10 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int) -> f
     if not np.isfinite(temperature):
         log.warning("Temperature scaling diverged; keeping T = 1.")
         return 1.0
+    if temperature > 20:
+        log.warning(
+            "Temperature T=%.3g: the validation logits carry almost no information (probabilities"
+            " scaled towards uniform).",
+            temperature,
+        )
     return temperature

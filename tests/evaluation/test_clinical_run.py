@@ -8,6 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from medx.errors import ConfigError
+from medx.eval import evaluate, load_config
+from medx.eval import main as eval_main
 from medx.evaluation.callback import ClinicalEvaluation
 from medx.train import train
 
@@ -21,9 +23,10 @@ FIGURES = {
 }
 
 
-def test_a_run_reports_metrics_with_cis_figures_and_predictions(
+def test_a_run_reports_and_its_checkpoint_reproduces_it(
     make_cfg, tracked_runs, mlflow_client: MlflowClient, tmp_path: Path
 ):
+    """One real run (the expensive part), then everything that needs a trained run."""
     metrics = train(make_cfg("eval.bootstrap=200"))
 
     (run,) = tracked_runs()
@@ -44,6 +47,23 @@ def test_a_run_reports_metrics_with_cis_figures_and_predictions(
     params = run.data.params
     n_test = sum(int(params[f"dataset.counts.test.{c}"]) for c in ("NORMAL", "OPACITY"))
     assert len(csv) == 1 + n_test
+
+    # medx.eval on the best checkpoint: the same test metrics, in a new run tagged with the source
+    (best,) = (tmp_path / "run" / "checkpoints").glob("epoch*.ckpt")
+    again = eval_main([f"ckpt_path={best}"])
+
+    evaluated = next(r for r in tracked_runs() if r.info.run_id != run.info.run_id)
+    assert evaluated.data.tags["medx.source_run_id"] == run.info.run_id
+    for key in ("test/auroc", "test/auroc_ci_low", "test/sensitivity_at_op", "test/ece"):
+        assert again[key] == pytest.approx(m[key], abs=1e-6), key
+        assert evaluated.data.metrics[key] == pytest.approx(m[key], abs=1e-6), key
+    assert "test_predictions.csv" in {
+        Path(a.path).name for a in mlflow_client.list_artifacts(evaluated.info.run_id, "evaluation")
+    }
+
+    # a checkpoint of another model config: named, with the config's choice
+    with pytest.raises(ConfigError, match=r"test_resnet.*model\.backbone=resnet18"):
+        evaluate(best, load_config(best, ["model.backbone=resnet18"]))
 
 
 @pytest.mark.parametrize("target", [0, 1.5, -0.1])
