@@ -12,17 +12,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from medx.data.io import list_images, read_image, verify_images
+from medx.data.loaders import SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
 from medx.data.phantom import ensure_phantom
 from medx.data.splits import kfold_by_patient, patient_ids, split_by_patient
 from medx.data.transforms import ImageTransform
-from medx.errors import ConfigError, DataError
+from medx.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ImageDataset(Dataset):
         return self.transform(read_image(self.samples.paths[i])), self.samples.labels[i]
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitLoaders):
     """Images in class folders; splits grouped by patient (`patient_pattern` on file names)."""
 
     task = "classification"
@@ -221,32 +221,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.image_size, self.mean, self.std, self.augment if train else "none"
         )
         return ImageDataset(self.splits[split], transform)
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self._dataset(split, train)
-        if not len(dataset):
-            raise ConfigError(f"The {split} split of data={self.name} is empty.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
 
 
 class PhantomDataModule(ImageFolderDataModule):

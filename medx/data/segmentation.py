@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from medx.data.io import BadImageError, list_images, read_image, read_mask
+from medx.data.loaders import SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
 from medx.data.phantom import ensure_phantom
 from medx.data.splits import patient_ids, split_by_patient
@@ -122,7 +122,7 @@ class SegmentationDataset(Dataset):
         return image, mask, i
 
 
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(SplitLoaders):
     """Image/mask pairs; splits grouped by patient (metadata.csv or `patient_pattern`)."""
 
     task = "segmentation"
@@ -274,32 +274,12 @@ class SegmentationDataModule(L.LightningDataModule):
         except BadImageError as err:
             return err
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _dataset(self, split: str, train: bool) -> Dataset:
         self.setup()
         transform = SegmentationTransform(
             self.image_size, self.mean, self.std, self.augment if train else "none"
         )
-        dataset = SegmentationDataset(*self.arrays[split], transform)
-        if not len(dataset):
-            raise ConfigError(f"The {split} split of data={self.name} is empty.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return SegmentationDataset(*self.arrays[split], transform)
 
 
 class PhantomSegDataModule(SegmentationDataModule):
