@@ -24,7 +24,14 @@ def main(overrides: list[str]) -> None:
         env = {**os.environ, "MEDX_HOME": home, "MLFLOW_TRACKING_URI": uri}
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "medx.train", "trainer.enable_progress_bar=false", *overrides],
+            [
+                sys.executable,
+                "-m",
+                "medx.train",
+                "trainer.enable_progress_bar=false",
+                "callbacks.rich_progress_bar=null",
+                *overrides,
+            ],
             check=True,
             env=env,
             cwd=home,
