@@ -82,13 +82,15 @@ def main(extra: list[str]) -> None:
         runs = client.search_runs([client.get_experiment_by_name("quality_bench").experiment_id])
         rows = {}
         for run in runs:
+            if run.data.tags.get("medx.sweep") == "parent":  # the sweep's own run, not a job
+                continue
             m, p = run.data.metrics, run.data.params
             rows[p["model.backbone"]] = (macro_f1(m, p), m["test/acc"], m["test/auroc"], p)
     p = next(iter(rows.values()))[3]
     n_test = int(p["dataset.counts.test.bad"]) + int(p["dataset.counts.test.good"])
 
     print(f"quality benchmark ({os.cpu_count()} CPUs), sweep {seconds:.0f} s")
-    print(f"command: python -m medx.train -m {' '.join(SWEEP)} data.source_root={data}")
+    print(f"command: python -m medx.train -m {' '.join(command[4:])}")
     print()
     print("| measure | medx | target | seed project |")
     print("|---|---|---|---|")

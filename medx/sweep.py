@@ -101,9 +101,12 @@ class ParentRun(Callback):
         )
         self.run_id = run.info.run_id
         self.swept = swept_keys(overrides)
+        params = {}  # a key given twice: the last one wins, as in Hydra
         for override in overrides:
             key, _, value = override.partition("=")
-            self.client.log_param(self.run_id, f"sweep.{key.lstrip('+~')}", value)
+            params[f"sweep.{key.lstrip('+~')}"] = value
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, value)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "overrides.yaml"
             path.write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))

@@ -26,7 +26,8 @@ def test_two_by_two_sweep_gives_a_parent_and_four_child_runs(tmp_path: Path, pha
             "data.n_patients=40",
             "data.image_size=48",
             "data.num_workers=0",
-            "trainer.max_epochs=1",
+            "trainer.max_epochs=3",
+            "trainer.max_epochs=1",  # given twice: the last wins, in Hydra and on the parent
             "callbacks.rich_progress_bar=null",
             "trainer.enable_progress_bar=false",
             "logger.experiment_name=sweep",
@@ -48,6 +49,7 @@ def test_two_by_two_sweep_gives_a_parent_and_four_child_runs(tmp_path: Path, pha
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.strategy"] == "freeze,full"
+    assert parent.data.params["sweep.trainer.max_epochs"] == "1"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "overrides.yaml"} <= artifacts
     assert not any(k.endswith("_mean") for k in parent.data.metrics)  # no data.fold swept
