@@ -108,3 +108,13 @@ def test_model_and_data_of_different_tasks_is_a_config_error(make_cfg):
 
     with pytest.raises(ConfigError, match=r"classification model but data=.* is segmentation"):
         train(cfg)
+
+
+def test_same_seed_with_a_deterministic_trainer_gives_identical_metrics(make_cfg):
+    overrides = ("seed=7", "trainer.deterministic=true", "logger=none")
+
+    first = train(make_cfg(*overrides))
+    second = train(make_cfg(*overrides))
+
+    assert first == second
+    assert first != train(make_cfg("seed=8", *overrides[1:]))
