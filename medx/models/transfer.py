@@ -62,6 +62,7 @@ class TransferModule(L.LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
+        self.strategy.start_epoch(self.net, self.blocks, self.current_epoch)
         self.train()  # Lightning leaves module modes alone; re-assert the frozen blocks' eval
 
     def configure_optimizers(self) -> Any:

@@ -70,3 +70,51 @@ def test_class_weights_follow_inverse_frequency():
     expected = torch.tensor([1 / 1341, 1 / 3875]) / (1 / 1341 + 1 / 3875) * 2
     assert torch.allclose(weights, expected)
     assert weights[0] > 1 > weights[1]
+
+
+class _RequiresGradPerEpoch(L.Callback):
+    """Records, at each epoch's first batch, whether the last block and the stem train."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            params = dict(module.net.named_parameters())
+            self.seen.append(
+                (
+                    params[module.blocks[-1][0]].requires_grad,
+                    params[module.blocks[0][0]].requires_grad,
+                )
+            )
+
+
+def test_two_stage_unfreezes_the_last_blocks_at_head_epochs(phantom_cache):
+    strategy = Strategy("two_stage", unfreeze_last=1, backbone_lr_scale=0.1, head_epochs=2)
+    model = ClassificationModule(
+        "test_resnet",
+        num_classes=2,
+        strategy=strategy,
+        optimizer=lambda groups: torch.optim.SGD(groups, lr=0.5),
+    )
+    data = PhantomDataModule(
+        phantom_cache, n_patients=60, image_size=64, batch_size=16, num_workers=0
+    )
+    probe = _RequiresGradPerEpoch()
+    trainer = L.Trainer(
+        max_epochs=4,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[probe],
+    )
+    trainer.fit(model, datamodule=data)
+
+    # (last block trains, stem trains) per epoch: head only for 2 epochs, then the last block
+    assert probe.seen == [(False, False), (False, False), (True, False), (True, False)]
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert groups["head"]["lr"] == 0.5 and groups["backbone"]["lr"] == 0.05
+    last_block = {id(p) for n, p in model.net.named_parameters() if n in model.blocks[-1]}
+    assert {id(p) for p in groups["backbone"]["params"]} == last_block
