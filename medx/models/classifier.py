@@ -24,7 +24,46 @@ def inverse_frequency_weights(counts: Sequence[int]) -> torch.Tensor:
     return (inv / inv.sum() * len(counts)).float()
 
 
-class ClassificationModule(TransferModule):
+class ClassifierSteps:
+    """Loss, metrics and logging shared by every classifier (CNN or feature baseline), so
+    their MLflow metrics carry the same names and meaning. Needs `forward`, `loss_weight`,
+    `val_metrics` and `test_metrics` on the LightningModule it is mixed into."""
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, weight=self.loss_weight)
+        return loss, class_scores(logits), y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _, y = self._step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, scores, y = self._step(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.val_metrics.update(scores, y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, scores, y = self._step(batch)
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
+        self.test_metrics.update(scores, y)
+        return scores
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.softmax(self(batch[0]), dim=1)
+
+
+class ClassificationModule(ClassifierSteps, TransferModule):
     """Transfer-learning classifier; binary tasks treat class index 1 as positive."""
 
     task = "classification"
@@ -64,38 +103,6 @@ class ClassificationModule(TransferModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, weight=self.loss_weight)
-        return loss, class_scores(logits), y
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, _, y = self._step(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, scores, y = self._step(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.val_metrics.update(scores, y)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        loss, scores, y = self._step(batch)
-        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
-        self.test_metrics.update(scores, y)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return torch.softmax(self(batch[0]), dim=1)
 
 
 def class_scores(logits: torch.Tensor) -> torch.Tensor:

@@ -15,14 +15,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medx import tracking
 from medx.errors import ConfigError
 from medx.models.backbones import UNIT_MEAN, UNIT_STD
 from medx.models.classifier import (
-    class_scores,
+    ClassifierSteps,
     classification_metrics,
     inverse_frequency_weights,
 )
@@ -34,7 +33,7 @@ BASELINES = ("logreg",)
 LOG_OFFSET = 1e-8
 
 
-class QualityBaseline(L.LightningModule):
+class QualityBaseline(ClassifierSteps, L.LightningModule):
     """Logistic regression on standardised quality features; class 1 ("bad") is positive.
 
     The standardisation (mean, std per feature, after log of the `LOG_FEATURES`) is fitted on
@@ -113,34 +112,13 @@ class QualityBaseline(L.LightningModule):
         self.fitted.fill_(True)
         log.info("Standardisation fitted on %d training feature vectors", len(z))
 
-    def _step(self, batch: Any) -> tuple[torch.Tensor, ...]:
-        x, y = batch
-        logits = self(x)
-        return F.cross_entropy(logits, y, weight=self.loss_weight), class_scores(logits), y
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, _, y = self._step(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, scores, y = self._step(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.val_metrics.update(scores, y)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        loss, scores, y = self._step(batch)
-        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
-        self.test_metrics.update(scores, y)
-        self._test_outputs.append((batch[0].cpu(), y.cpu(), scores.detach().cpu()))
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        scores = super().test_step(batch, batch_idx)
+        self._test_outputs.append((batch[0].cpu(), batch[1].cpu(), scores.detach().cpu()))
+        return scores
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
+        super().on_test_epoch_end()
         if self._test_outputs and self.hparams.num_classes == 2:
             self._write_reports()
         self._test_outputs = []
@@ -155,9 +133,6 @@ class QualityBaseline(L.LightningModule):
         )
         tracking.log_artifacts(self.loggers, paths)
         log.info("Quality reports in %s", root)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return torch.softmax(self(batch[0]), dim=1)
 
     def configure_optimizers(self) -> Any:
         """The configured optimizer; `lr` (when set) replaces its LR, as a linear model on
