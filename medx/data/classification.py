@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from medx.data.io import list_images, read_image, verify_images
 from medx.data.loaders import SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
-from medx.data.phantom import ensure_phantom
+from medx.data.phantom import PhantomSource
 from medx.data.splits import kfold_by_patient, patient_ids, split_by_patient
 from medx.data.transforms import ImageTransform
 from medx.errors import DataError
@@ -223,7 +223,7 @@ class ImageFolderDataModule(SplitLoaders):
         return ImageDataset(self.splits[split], transform)
 
 
-class PhantomDataModule(ImageFolderDataModule):
+class PhantomDataModule(PhantomSource, ImageFolderDataModule):
     """The embedded default: synthetic chest X-rays generated once into `cache_dir`."""
 
     def __init__(
@@ -240,18 +240,11 @@ class PhantomDataModule(ImageFolderDataModule):
         kwargs.setdefault("classes", list(PHANTOM_CLASSES))
         kwargs.setdefault("patient_pattern", r"patient(\d+)_")
         super().__init__(root=None, **kwargs)
-        self.cache_dir = Path(cache_dir)
-        self.phantom = dict(
+        self.use_phantom(
+            cache_dir,
             n_patients=n_patients,
             images_per_patient=images_per_patient,
             size=size,
             prevalence=prevalence,
             seed=generator_seed,
         )
-
-    def prepare_data(self) -> None:
-        ensure_phantom(self.cache_dir, **self.phantom)
-
-    def resolve_root(self) -> Path:
-        self.root = ensure_phantom(self.cache_dir, **self.phantom)
-        return self.root

@@ -307,3 +307,21 @@ def ensure_phantom(
         raise
     logger.info("phantom cached at %s", final)
     return final
+
+
+class PhantomSource:
+    """Mixin for data modules whose root is the cached phantom (classification, segmentation):
+    generated once in `prepare_data`, located again on every rank in `resolve_root`."""
+
+    root: Path | None
+
+    def use_phantom(self, cache_dir: Path | str, **params: float) -> None:
+        self.phantom_cache = (Path(cache_dir), params)
+
+    def prepare_data(self) -> None:
+        self.resolve_root()
+
+    def resolve_root(self) -> Path:
+        cache_dir, params = self.phantom_cache
+        self.root = ensure_phantom(cache_dir, **params)
+        return self.root

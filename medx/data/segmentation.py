@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from medx.data.io import BadImageError, list_images, read_image, read_mask
 from medx.data.loaders import SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
-from medx.data.phantom import ensure_phantom
+from medx.data.phantom import PhantomSource
 from medx.data.splits import patient_ids, split_by_patient
 from medx.data.transforms import SegmentationTransform
 from medx.errors import ConfigError, DataError
@@ -282,7 +282,7 @@ class SegmentationDataModule(SplitLoaders):
         return SegmentationDataset(*self.arrays[split], transform)
 
 
-class PhantomSegDataModule(SegmentationDataModule):
+class PhantomSegDataModule(PhantomSource, SegmentationDataModule):
     """The embedded default: the phantom's lung masks, generated once into `cache_dir`."""
 
     def __init__(
@@ -299,21 +299,14 @@ class PhantomSegDataModule(SegmentationDataModule):
         kwargs.setdefault("patient_pattern", r"patient(\d+)_")
         kwargs.setdefault("metadata", None)
         super().__init__(root=None, **kwargs)
-        self.cache_dir = Path(cache_dir)
-        self.phantom = dict(
+        self.use_phantom(
+            cache_dir,
             n_patients=n_patients,
             images_per_patient=images_per_patient,
             size=size,
             prevalence=prevalence,
             seed=generator_seed,
         )
-
-    def prepare_data(self) -> None:
-        ensure_phantom(self.cache_dir, **self.phantom)
-
-    def resolve_root(self) -> Path:
-        self.root = ensure_phantom(self.cache_dir, **self.phantom)
-        return self.root
 
     def pool_dirs(self, root: Path) -> tuple[list[Path], Path]:
         return [root / c for c in PHANTOM_CLASSES], root / "masks"
