@@ -59,7 +59,42 @@ class ImageDataset(Dataset):
         return self.transform(read_image(self.samples.paths[i])), self.samples.labels[i]
 
 
-class ImageFolderDataModule(SplitLoaders):
+class LabelledSplits:
+    """What every classification data module tells medx.train about its labels: the class
+    count and per-split counts (for class weights and the MLflow params)."""
+
+    classes: list[str] | None
+    splits: dict
+
+    def setup(self, stage: str | None = None) -> None:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
+
+    @property
+    def class_counts(self) -> dict[str, list[int]]:
+        self.setup()
+        return {s: self.splits[s].counts(self.num_classes) for s in SPLITS}
+
+    def model_kwargs(self) -> dict:
+        """What the classification model needs to know about the data."""
+        return {"num_classes": self.num_classes, "class_counts": self.class_counts["train"]}
+
+    def summary(self) -> dict:
+        """Logged to MLflow: class names and per-split class counts."""
+        counts = self.class_counts
+        return {
+            "dataset.classes": ",".join(self.classes),
+            "dataset.counts": {
+                s: dict(zip(self.classes, c, strict=True)) for s, c in counts.items()
+            },
+        }
+
+
+class ImageFolderDataModule(LabelledSplits, SplitLoaders):
     """Images in class folders; splits grouped by patient (`patient_pattern` on file names)."""
 
     task = "classification"
@@ -95,30 +130,6 @@ class ImageFolderDataModule(SplitLoaders):
         self.mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # set from the backbone by medx.train
         self.std: tuple[float, ...] = (0.5, 0.5, 0.5)
         self.splits: dict[str, Samples] = {}
-
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        return len(self.classes)
-
-    @property
-    def class_counts(self) -> dict[str, list[int]]:
-        self.setup()
-        return {s: self.splits[s].counts(self.num_classes) for s in SPLITS}
-
-    def model_kwargs(self) -> dict:
-        """What the classification model needs to know about the data."""
-        return {"num_classes": self.num_classes, "class_counts": self.class_counts["train"]}
-
-    def summary(self) -> dict:
-        """Logged to MLflow: class names and per-split class counts."""
-        counts = self.class_counts
-        return {
-            "dataset.classes": ",".join(self.classes),
-            "dataset.counts": {
-                s: dict(zip(self.classes, c, strict=True)) for s, c in counts.items()
-            },
-        }
 
     def resolve_root(self) -> Path:
         """The directory to read; subclasses may generate or download it first."""
