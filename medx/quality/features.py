@@ -20,7 +20,8 @@ BORDER_REFLECT_101):
 - ``tenengrad`` (sharpness): mean of Gx² + Gy², G the 3×3 Sobel derivatives of I.
 - ``noise_sigma``: Immerkær's estimate (1996) of additive noise σ: sqrt(π/2) / (6·(W-2)(H-2))
   · Σ |I ∗ M| over the interior pixels, M = [[1, -2, 1], [-2, 4, -2], [1, -2, 1]] (M is blind
-  to linear ramps, so smooth anatomy hardly counts as noise).
+  to linear ramps, so smooth anatomy hardly counts as noise). M = dᵀd with d = [1, -2, 1], so
+  it runs as two 1-D passes (same values, a third of the time of the 3×3 filter).
 - ``underexposed``: fraction of pixels with round(255·I) <= 5.
 - ``overexposed``: fraction of pixels with round(255·I) >= 250.
 - ``dynamic_range``: 99th minus 1st percentile of I (from the histogram, in 1/255 steps).
@@ -56,7 +57,7 @@ LOG_FEATURES = frozenset({"laplacian_var", "tenengrad", "noise_sigma"})
 
 MIN_SIZE = 3  # the 3x3 filters need an interior pixel
 EPS = 1.0 / 1024
-_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
+_SECOND_DIFF = np.array([1, -2, 1], dtype=np.float32)  # Immerkær's M is its outer square
 _BLOCK = 8
 _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float32)
 _SOBEL = ((1, 0), (0, 1))
@@ -65,10 +66,11 @@ _SOBEL = ((1, 0), (0, 1))
 def to_unit(image: np.ndarray) -> tuple[np.ndarray, float]:
     """(gray pixels, scale) with I = pixels · scale in [0, 1]; gray from RGB(A), alpha dropped.
 
-    uint8 is kept as it is (scale 1/255, filters run on integers: exact and fast). uint16 is
-    read at the smallest bit depth 10, 12, 14 or 16 that holds its maximum, so 12-bit detector
-    data in a 16-bit container is not mistaken for underexposure. Floats must already be in
-    [0, 1]. Colour is converted with the usual luma weights (input taken as RGB).
+    uint8 and uint16 are kept as they are (integer sums are exact and read half or a quarter
+    of the memory of float32). uint16 is read at the smallest bit depth 10, 12, 14 or 16 that
+    holds its maximum, so 12-bit detector data in a 16-bit container is not mistaken for
+    underexposure. Floats must already be in [0, 1]. Colour is converted with the usual luma
+    weights (input taken as RGB).
     """
     img = np.asarray(image)
     if img.ndim == 3:
@@ -90,9 +92,9 @@ def to_unit(image: np.ndarray) -> tuple[np.ndarray, float]:
     if img.dtype == np.uint8:
         return img, 1.0 / 255
     if img.dtype == np.uint16:
-        top = int(img.max())
+        top = int(cv2.minMaxLoc(img)[1])
         bits = next(b for b in (10, 12, 14, 16) if top < 2**b)
-        return img.astype(np.float32), 1.0 / (2**bits - 1)
+        return img, 1.0 / (2**bits - 1)
     if img.dtype.kind in "fiu":
         img = img.astype(np.float32)
         if not np.isfinite(img).all():
@@ -104,31 +106,33 @@ def to_unit(image: np.ndarray) -> tuple[np.ndarray, float]:
 def image_features(image: np.ndarray) -> np.ndarray:
     """The `FEATURES` of one image (2-D gray or HxWx3/4), float64, always finite.
 
-    Sums go through ``cv2.norm``/``cv2.sumElems`` (one SIMD pass, no temporaries): on 8-bit
-    input the filters run in int16, exact for every 3×3 kernel used here.
+    Sums go through ``cv2.norm``/``cv2.sumElems`` (one SIMD pass, no temporaries) on the
+    pixels as given. Filters run in int16 on 8-bit input (exact for every 3×3 kernel used
+    here), otherwise on one float32 copy (exact sums for 16-bit: |values| < 2**24).
     """
     img, scale = to_unit(image)
-    integer = img.dtype == np.uint8
-    depth = cv2.CV_16S if integer else cv2.CV_32F
+    eight_bit = img.dtype == np.uint8
+    depth = cv2.CV_16S if eight_bit else cv2.CV_32F
+    src = img if img.dtype in (np.uint8, np.float32) else img.astype(np.float32)
     h, w = img.shape
     n = img.size
 
     brightness = cv2.sumElems(img)[0] / n * scale
     contrast = math.sqrt(max(cv2.norm(img, cv2.NORM_L2SQR) / n * scale**2 - brightness**2, 0.0))
 
-    lap = cv2.filter2D(img, depth, _LAPLACIAN, borderType=cv2.BORDER_REFLECT_101)
+    lap = cv2.filter2D(src, depth, _LAPLACIAN, borderType=cv2.BORDER_REFLECT_101)
     laplacian_var = _variance(lap, n) * scale**2
     tenengrad = (
-        sum(cv2.norm(cv2.Sobel(img, depth, dx, dy, ksize=3), cv2.NORM_L2SQR) for dx, dy in _SOBEL)
+        sum(cv2.norm(cv2.Sobel(src, depth, dx, dy, ksize=3), cv2.NORM_L2SQR) for dx, dy in _SOBEL)
         / n
         * scale**2
     )
 
-    residual = cv2.filter2D(img, depth, _IMMERKAER)[1:-1, 1:-1]
+    residual = cv2.sepFilter2D(src, depth, _SECOND_DIFF, _SECOND_DIFF)[1:-1, 1:-1]
     l1 = cv2.norm(residual, cv2.NORM_L1)
     noise_sigma = math.sqrt(math.pi / 2) * l1 / (6.0 * (w - 2) * (h - 2)) * scale
 
-    levels = img if integer else _levels(img, scale)
+    levels = img if eight_bit else _levels(img, scale)
     hist = cv2.calcHist([levels], [0], None, [256], [0, 256]).ravel() / n
     nonzero = hist[hist > 0]
     entropy = float(-(nonzero * np.log2(nonzero)).sum())

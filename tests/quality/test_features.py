@@ -68,6 +68,19 @@ def test_laplacian_variance_matches_a_numpy_reference(texture: np.ndarray):
     assert f["entropy"] == pytest.approx(-(nz * np.log2(nz)).sum(), rel=1e-6)
 
 
+def test_noise_sigma_matches_immerkaers_formula(texture: np.ndarray):
+    """The 3x3 mask M of the docstring, summed over interior pixels, 8- and 16-bit alike."""
+    unit = texture.astype(np.float64) / 255
+    m = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]])
+    h, w = unit.shape
+    conv = sum(m[i, j] * unit[i : h - 2 + i, j : w - 2 + j] for i in range(3) for j in range(3))
+    sigma = np.sqrt(np.pi / 2) * np.abs(conv).sum() / (6 * (w - 2) * (h - 2))
+
+    assert feats(texture)["noise_sigma"] == pytest.approx(sigma, rel=1e-9)
+    sixteen = texture.astype(np.uint16) * 257  # the same image at full 16-bit range
+    assert feats(sixteen)["noise_sigma"] == pytest.approx(sigma, rel=1e-6)
+
+
 def test_blur_lowers_sharpness_monotonically(texture: np.ndarray):
     blurred = [texture] + [cv2.GaussianBlur(texture, (0, 0), s) for s in (0.7, 1.5, 3, 6)]
     lap = [feats(b)["laplacian_var"] for b in blurred]
