@@ -54,17 +54,28 @@ def create_backbone(
     pretrained: bool = False,
     weights: str | Path | None = None,
     drop_rate: float = 0.0,
+    head_hidden: int | None = None,
+    small_input: bool = False,
 ) -> Backbone:
-    """Build `name` with a fresh `num_classes` head; ImageNet or local weights optional."""
+    """Build `name` with a fresh `num_classes` head; ImageNet or local weights optional.
+
+    `head_hidden=512` makes the head dropout → linear(512) → ReLU → dropout → linear (the
+    seed projects' Keras head); `small_input` gives ResNets a 3×3 stride-1 stem without
+    max-pooling, so 28 px inputs (MedMNIST) keep a 4×4 map at the last stage instead of 1×1.
+    """
     arch = _timm_name(name)
     if pretrained and weights:
         raise ConfigError(
             "Set either model.pretrained=true (download ImageNet weights) or "
             "model.weights=/path/to/file (local weights), not both."
         )
-    model = _create(arch, num_classes, pretrained, drop_rate)
+    model = _create(arch, num_classes, pretrained, 0.0 if head_hidden else drop_rate)
     if weights:
         load_weights(model, Path(weights))
+    if small_input:
+        _small_stem(model, name)
+    if head_hidden:
+        _mlp_head(model, num_classes, head_hidden, drop_rate)
     head = _param_names(model, model.get_classifier())
     groups = group_parameters(model, model.group_matcher(coarse=True))
     blocks = [[n for n in names if n not in head] for names in groups.values()]
@@ -155,3 +166,31 @@ def _is_weight(key: str) -> bool:
 def _param_names(model: nn.Module, module: nn.Module) -> set[str]:
     ids = {id(p) for p in module.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _small_stem(model: nn.Module, name: str) -> None:
+    """3×3 stride-1 stem conv, no max-pool: the CIFAR/MedMNIST-28 ResNet (fresh stem weights)."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ConfigError(
+            f"model.small_input=true needs a ResNet-style backbone (conv1 + maxpool); "
+            f"{name!r} has none. Use a ResNet, or upscale the input (data.image_size)."
+        )
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _mlp_head(model: nn.Module, num_classes: int, hidden: int, drop_rate: float) -> None:
+    """Replace timm's classifier (wherever the architecture keeps it) with a hidden layer."""
+    head = nn.Sequential(
+        nn.Dropout(drop_rate),
+        nn.Linear(model.get_classifier().in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(drop_rate),
+        nn.Linear(hidden, num_classes),
+    )
+    *parents, attr = model.pretrained_cfg["classifier"].split(".")
+    owner = model
+    for part in parents:
+        owner = getattr(owner, part)
+    setattr(owner, attr, head)

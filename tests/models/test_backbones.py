@@ -66,3 +66,22 @@ def test_pretrained_offline_says_what_to_do():
     )
     assert out.returncode != 0
     assert "model.pretrained=false" in out.stderr and "model.weights=" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "vgg16"])
+def test_a_hidden_head_is_dropout_512_dropout(name: str):
+    spec = create_backbone(name, num_classes=4, head_hidden=512, drop_rate=0.5)
+    head = spec.model.get_classifier()
+    assert [type(m).__name__ for m in head] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert head[1].out_features == 512 and head[4].out_features == 4
+    assert spec.model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+    assert all(n.startswith(("fc.", "head.fc.")) for n in spec.head) and len(spec.head) == 4
+
+
+def test_small_input_keeps_a_spatial_map_at_28_px():
+    feature_map = create_backbone("resnet18", 2).model.eval().forward_features
+    small = create_backbone("resnet18", 2, small_input=True).model.eval().forward_features
+    x = torch.randn(1, 3, 28, 28)
+    assert feature_map(x).shape[-1] == 1 and small(x).shape[-1] == 4
+    with pytest.raises(ConfigError, match="small_input=true needs a ResNet"):
+        create_backbone("vgg16", 2, small_input=True)
