@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from timm.data import Mixup
 from torch import nn
 from torchmetrics import AUROC, Accuracy, F1Score, MetricCollection, Recall, Specificity
 
 from medx.models.backbones import create_backbone
+from medx.models.losses import ClassLoss, LossFactory, build_loss, class_logits, loss_spec
 from medx.models.strategy import Strategy
 from medx.models.transfer import Optimizer, Scheduler, TransferModule
 
@@ -26,17 +27,50 @@ def inverse_frequency_weights(counts: Sequence[int]) -> torch.Tensor:
 
 class ClassifierSteps:
     """Loss, metrics and logging shared by every classifier (CNN or feature baseline), so
-    their MLflow metrics carry the same names and meaning. Needs `forward`, `loss_weight`,
-    `val_metrics` and `test_metrics` on the LightningModule it is mixed into."""
+    their MLflow metrics carry the same names and meaning. Needs `forward` (class logits),
+    `criterion`, `mixup`, `val_metrics` and `test_metrics` on the LightningModule."""
+
+    criterion: ClassLoss
+    mixup: Mixup | None = None
+
+    def use_loss(
+        self,
+        loss: LossFactory | Mapping | None,
+        mixup: Callable[..., Mixup] | None,
+        num_classes: int,
+        class_weights: bool,
+        class_counts: Sequence[int] | None,
+    ) -> int:
+        """Build the loss (class-weighted on request) and Mixup; return the network's outputs."""
+        weight = None
+        if class_weights:
+            if class_counts is None:
+                raise ValueError("model.class_weights=true needs the training class counts")
+            weight = inverse_frequency_weights(class_counts)
+            log.info("class weights %s from counts %s", weight.tolist(), list(class_counts))
+        self.criterion = build_loss(loss, num_classes, weight)
+        self.hparams["loss"] = loss_spec(loss)  # plain dict: checkpoints rebuild the same loss
+        smoothing = self.criterion.label_smoothing
+        self.mixup = mixup(num_classes=num_classes, label_smoothing=smoothing) if mixup else None
+        return self.criterion.outputs
+
+    def mix(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training inputs and targets: Mixup/CutMix'ed (in place) with soft targets when
+        configured, otherwise as they come."""
+        x, y = batch
+        if self.mixup is None:
+            return x, y
+        even = len(x) - len(x) % 2  # timm mixes pairs: an odd last sample sits this step out
+        return self.mixup(x[:even], y[:even])
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, weight=self.loss_weight)
-        return loss, class_scores(logits), y
+        return self.criterion(logits, y), class_scores(logits), y
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, _, y = self._step(batch)
+        x, y = self.mix(batch)
+        loss = self.criterion(self(x), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
@@ -81,28 +115,27 @@ class ClassificationModule(ClassifierSteps, TransferModule):
         strategy: Strategy | dict | None = None,
         optimizer: Optimizer | None = None,
         scheduler: Scheduler | None = None,
+        loss: LossFactory | dict | None = None,
+        mixup: Callable[..., Mixup] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "strategy"], logger=False)
-        spec = create_backbone(backbone, num_classes, pretrained, weights, drop_rate)
+        self.save_hyperparameters(
+            ignore=["optimizer", "scheduler", "strategy", "loss", "mixup"], logger=False
+        )
+        outputs = self.use_loss(loss, mixup, num_classes, class_weights, class_counts)
+        spec = create_backbone(backbone, outputs, pretrained, weights, drop_rate)
         self.net, self.mean, self.std = spec.model, spec.mean, spec.std
         self.use_strategy(
             strategy, optimizer, scheduler, spec.blocks, spec.head, pretrained or bool(weights)
         )
-        weight = None
-        if class_weights:
-            if class_counts is None:
-                raise ValueError("model.class_weights=true needs the training class counts")
-            weight = inverse_frequency_weights(class_counts)
-            log.info("class weights %s from counts %s", weight.tolist(), list(class_counts))
-        self.register_buffer("loss_weight", weight, persistent=False)
         self.val_metrics = classification_metrics(num_classes, ["acc", "auroc"], "val/")
         self.test_metrics = classification_metrics(
             num_classes, ["acc", "auroc", "f1", "sensitivity", "specificity"], "test/"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        """Class logits (N, num_classes), also from a single-logit (BCE) network."""
+        return class_logits(self.net(x))
 
 
 def class_scores(logits: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,8 @@ from torch import nn
 from medx import tracking
 from medx.errors import ConfigError
 from medx.models.backbones import UNIT_MEAN, UNIT_STD
-from medx.models.classifier import (
-    ClassifierSteps,
-    classification_metrics,
-    inverse_frequency_weights,
-)
+from medx.models.classifier import ClassifierSteps, classification_metrics
+from medx.models.losses import LossFactory, class_logits
 from medx.quality.features import FEATURES, LOG_FEATURES
 
 log = logging.getLogger(__name__)
@@ -56,6 +53,7 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
         strategy: Any = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        loss: LossFactory | dict | None = None,
     ) -> None:
         super().__init__()
         if backbone not in BASELINES:
@@ -64,10 +62,13 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
                 f"{', '.join(BASELINES)}."
             )
         # strategy (which backbone blocks train) has nothing to act on: one linear layer.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "strategy"], logger=False)
+        self.save_hyperparameters(
+            ignore=["optimizer", "scheduler", "strategy", "loss"], logger=False
+        )
         self.feature_names = list(feature_names)
         n = len(self.feature_names)
-        self.linear = nn.Linear(n, num_classes)
+        outputs = self.use_loss(loss, None, num_classes, class_weights, class_counts)
+        self.linear = nn.Linear(n, outputs)
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler
         self.mean, self.std = UNIT_MEAN, UNIT_STD  # image normalisation: unused, no images
@@ -76,12 +77,6 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
         self.register_buffer("feature_mean", torch.zeros(n))
         self.register_buffer("feature_std", torch.ones(n))
         self.register_buffer("fitted", torch.tensor(False))
-        weight = None
-        if class_weights:
-            if class_counts is None:
-                raise ValueError("model.class_weights=true needs the training class counts")
-            weight = inverse_frequency_weights(class_counts)
-        self.register_buffer("loss_weight", weight, persistent=False)
         self.val_metrics = classification_metrics(num_classes, ["acc", "auroc"], "val/")
         self.test_metrics = classification_metrics(
             num_classes, ["acc", "auroc", "f1", "sensitivity", "specificity"], "test/"
@@ -94,11 +89,13 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
         return torch.where(self.log_mask, torch.log(x.clamp(min=0) + LOG_OFFSET), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear((self.scale(x) - self.feature_mean) / self.feature_std)
+        return class_logits(self.linear((self.scale(x) - self.feature_mean) / self.feature_std))
 
     def coefficients(self) -> np.ndarray:
         """Per feature: log-odds of "bad" per training standard deviation (binary tasks)."""
         w = self.linear.weight.detach().cpu().numpy()
+        if len(w) == 1:  # loss=bce: the single logit is the log-odds of "bad"
+            return w[0]
         return w[1] - w[0] if len(w) == 2 else w
 
     def on_train_start(self) -> None:
