@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from medx.config import compose, config_dir
 from medx.errors import ConfigError
 from medx.eval import main as eval_main
 from medx.models.classifier import ClassificationModule, inverse_frequency_weights
@@ -42,6 +43,17 @@ def test_focal_with_gamma_0_is_torch_cross_entropy(weight, smoothing):
     expected_soft = F.cross_entropy(logits, soft, weight=weight)
     assert focal(logits, soft) == pytest.approx(expected_soft.item(), rel=1e-5)
     assert ce(logits, soft) == pytest.approx(expected_soft.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "choice", sorted(p.stem for p in (Path(config_dir()) / "loss").glob("*.yaml"))
+)
+def test_every_loss_choice_builds_from_config_with_class_weights(choice: str):
+    factory = instantiate(compose([f"loss={choice}"]).loss)
+    loss = factory(num_classes=2, class_weight=inverse_frequency_weights([30, 10]))
+    logits, y = _batch(classes=2)
+
+    assert loss(logits, y).item() > 0
 
 
 def test_focal_down_weights_easy_examples_more_than_hard_ones():
