@@ -65,3 +65,10 @@ def test_quality_sweep_gives_comparable_baseline_and_cnn_runs(tmp_path: Path, ph
         {k: v for k, v in r.data.params.items() if k.startswith("dataset.counts")} for r in runs
     ]
     assert counts[0] == counts[1]  # the same splits for both
+    for run in runs:  # the same report files too (medx.evaluation), named by quality class
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert {"evaluation/confusion_matrix.png", "evaluation/classification_report.txt"} <= files
+        report = client.download_artifacts(run.info.run_id, "evaluation/classification_report.txt")
+        lines = Path(report).read_text().splitlines()  # scikit-learn's layout
+        assert lines[0].split() == ["precision", "recall", "f1-score", "support"]
+        assert {"good", "bad", "macro"} <= {line.split()[0] for line in lines if line.strip()}

@@ -67,10 +67,17 @@ def load_sample(path: Path, degradation: str, severity: float, seed: int) -> np.
 
 
 class QualityImageDataset(Dataset):
-    """(image tensor, label) with the degradation applied on the fly (deterministic)."""
+    """(image tensor, label) with the degradation applied on the fly (deterministic).
 
-    def __init__(self, samples: QualitySamples, transform: ImageTransform) -> None:
-        self.samples, self.transform = samples, transform
+    `crop`: a random crop × crop window of the transformed image (training only). The defects
+    cover the whole image, so a window at full resolution keeps the pixel-level evidence
+    (noise, blur, JPEG blocks) that shrinking the image would erase, at a fraction of the cost.
+    """
+
+    def __init__(
+        self, samples: QualitySamples, transform: ImageTransform, crop: int | None = None
+    ) -> None:
+        self.samples, self.transform, self.crop = samples, transform, crop
 
     def __len__(self) -> int:
         return len(self.samples.paths)
@@ -78,7 +85,11 @@ class QualityImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples
         gray = load_sample(s.paths[i], s.degradations[i], s.severities[i], s.seeds[i])
-        return self.transform(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)), s.labels[i]
+        image = self.transform(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
+        if self.crop:
+            top, left = (int(torch.randint(n - self.crop + 1, ())) for n in image.shape[1:])
+            image = image[:, top : top + self.crop, left : left + self.crop]
+        return image, s.labels[i]
 
 
 class QualityDataModule(PhantomDataModule):
@@ -92,6 +103,7 @@ class QualityDataModule(PhantomDataModule):
         degradations: Mapping[str, Sequence[float]] | None = None,
         bad_ratio: float = 3.0,
         max_sources: int | None = None,
+        train_crop: int | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("name", "quality")
@@ -106,6 +118,12 @@ class QualityDataModule(PhantomDataModule):
         if not bad_ratio > 0:
             raise ConfigError(f"data.bad_ratio={bad_ratio} must be > 0 (bad images per good one).")
         self.bad_ratio, self.max_sources = float(bad_ratio), max_sources
+        if train_crop is not None and not 32 <= train_crop <= self.image_size:
+            raise ConfigError(
+                f"data.train_crop={train_crop} must lie in [32, data.image_size={self.image_size}]"
+                " (or be null: train on whole images)."
+            )
+        self.train_crop = train_crop
         self.feature_cache = Path(feature_cache) if feature_cache else None
         self.inputs = "image"  # medx.train sets the model family's choice before setup
         self.source_classes: list[str] = []
@@ -216,11 +234,15 @@ class QualityDataModule(PhantomDataModule):
         dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train)
 
+    def eval_transform(self) -> ImageTransform:
+        """Gray-as-RGB uint8 image → the CNN's input tensor, as for val/test (and scoring)."""
+        return ImageTransform(self.image_size, self.mean, self.std, "none")
+
     def _dataset(self, split: str, train: bool) -> Dataset:
-        transform = ImageTransform(
-            self.image_size, self.mean, self.std, self.augment if train else "none"
-        )
-        return QualityImageDataset(self.splits[split], transform)
+        if not train:
+            return QualityImageDataset(self.splits[split], self.eval_transform())
+        transform = ImageTransform(self.image_size, self.mean, self.std, self.augment)
+        return QualityImageDataset(self.splits[split], transform, self.train_crop)
 
 
 def compute_features(samples: QualitySamples) -> np.ndarray:

@@ -20,7 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     score.add_argument("folder", type=Path, help="images to screen (searched recursively)")
     score.add_argument(
-        "--checkpoint", type=Path, required=True, help="a model=quality_logreg checkpoint (.ckpt)"
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a checkpoint (.ckpt) of a data=quality run: model=quality_logreg or a CNN",
+    )
+    score.add_argument(
+        "--config",
+        type=Path,
+        help="CNN only: the run's config.yaml (default: next to the checkpoints/ folder)",
     )
     score.add_argument("--out", type=Path, default=Path("quality_scores.csv"))
     score.add_argument("--threshold", type=float, default=0.5, help="p_bad at or above: bad")
@@ -31,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = score_folder(
-            args.folder, args.checkpoint, args.out, args.threshold, not args.no_progress
+            args.folder,
+            args.checkpoint,
+            args.out,
+            args.threshold,
+            not args.no_progress,
+            args.config,
         )
     except MedxError as err:
         print(f"medx.quality: {err}", file=sys.stderr)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from medx.config import compose
-from medx.data.quality import QualityDataModule
+from medx.data.quality import QualityDataModule, load_sample
 from medx.errors import ConfigError
 from medx.train import user_error
 
@@ -66,6 +68,24 @@ def test_image_batches_hold_the_degraded_images(phantom_cache: Path, tmp_path: P
 
     assert images.shape[1:] == (3, 64, 64)
     assert images[labels == 1].mean() > images[labels == 0].mean() + 0.3
+
+
+def test_train_crop_trains_on_native_windows_and_tests_whole_images(
+    phantom_cache: Path, tmp_path: Path
+):
+    dm = quality(phantom_cache, tmp_path, train_crop=40)
+    window, _ = dm.train_dataloader().dataset[0]
+    s = dm.splits["train"]
+    gray = load_sample(s.paths[0], s.degradations[0], s.severities[0], s.seeds[0])
+    whole = dm.eval_transform()(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
+    test_images, _ = next(iter(dm.test_dataloader()))
+
+    assert window.shape == (3, 40, 40) and test_images.shape[1:] == (3, 64, 64)
+    assert any(  # a window of the whole 64 px image, pixel for pixel, not a shrunk copy
+        torch.equal(window, whole[:, i : i + 40, j : j + 40]) for i in range(25) for j in range(25)
+    )
+    with pytest.raises(ConfigError, match=r"data\.train_crop=65"):
+        quality(phantom_cache, tmp_path, train_crop=65)
 
 
 def test_unknown_degradation_is_a_config_error_listing_choices(tmp_path: Path):
