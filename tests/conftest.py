@@ -48,8 +48,7 @@ def make_cfg(tmp_path: Path, phantom_cache: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
     def make(*overrides: str) -> DictConfig:
-        data = [o.split("=", 1)[1] for o in overrides if o.startswith("data=")]
-        phantom = ["data.n_patients=60"] if not data or data[-1].startswith("phantom") else []
+        phantom = ["data.n_patients=60"] if "n_patients" in compose(list(overrides)).data else []
         cfg = compose(
             [
                 f"paths.root_dir={tmp_path}",
