@@ -110,6 +110,8 @@ class ClassificationModule(ClassifierSteps, TransferModule):
         pretrained: bool = False,
         weights: str | None = None,
         drop_rate: float = 0.0,
+        head_hidden: int | None = None,
+        small_input: bool = False,
         class_weights: bool = False,
         class_counts: Sequence[int] | None = None,
         strategy: Strategy | dict | None = None,
@@ -123,7 +125,9 @@ class ClassificationModule(ClassifierSteps, TransferModule):
             ignore=["optimizer", "scheduler", "strategy", "loss", "mixup"], logger=False
         )
         outputs = self.use_loss(loss, mixup, num_classes, class_weights, class_counts)
-        spec = create_backbone(backbone, outputs, pretrained, weights, drop_rate)
+        spec = create_backbone(
+            backbone, outputs, pretrained, weights, drop_rate, head_hidden, small_input
+        )
         self.net, self.mean, self.std = spec.model, spec.mean, spec.std
         self.use_strategy(
             strategy, optimizer, scheduler, spec.blocks, spec.head, pretrained or bool(weights)
