@@ -5,6 +5,9 @@ the starting point, so the data split, preprocessing and evaluation settings are
 the test metrics come out the same. `key=value` changes a key (`data.root=...`); `data=choice`
 swaps a whole group for its config file. The result is a new MLflow run (`eval-<run name>`,
 tagged with the source run) holding the clinical evaluation of `medx.evaluation`.
+
+`ckpt_path=[a.ckpt,b.ckpt]` (Hydra's list syntax) evaluates the ensemble of the checkpoints,
+their mean probability, on the first one's run config; the runs must share the data config.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -25,11 +31,34 @@ from medx import tracking
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
 from medx.evaluation.callback import ClinicalEvaluation
-from medx.train import user_error
+from medx.evaluation.ensemble import Ensemble
+from medx.train import one_device, user_error
 
 log = logging.getLogger(__name__)
 
-USAGE = "usage: python -m medx.eval ckpt_path=PATH [config=PATH] [group=choice] [key=value ...]"
+USAGE = (
+    "usage: python -m medx.eval ckpt_path=PATH|[PATH,PATH,...] [config=PATH] [group=choice] "
+    "[key=value ...]"
+)
+# How a run was fed, not what it saw: ensemble members may differ here. `fold` changes val only
+# (the test split is set aside before the folds), so k-fold models can be ensembled.
+MAY_DIFFER = {"batch_size", "num_workers", "augment", "cache_dir", "fold"}
+
+
+def checkpoint_paths(value: str) -> list[Path]:
+    """`ckpt_path=a.ckpt`, or Hydra's list syntax `ckpt_path=[a.ckpt,b.ckpt]` for an ensemble."""
+    if not value.startswith("["):
+        return [Path(value)]
+    try:
+        paths = OverridesParser.create().parse_override(f"ckpt_path={value}").value()
+    except HydraException as err:  # the parser raises its base class too
+        raise ConfigError(
+            f"ckpt_path={value} is no list of paths: write ckpt_path=[a.ckpt,b.ckpt] and quote "
+            "a path with spaces or commas ('ckpt_path=[\"my run/a.ckpt\",b.ckpt]')."
+        ) from err
+    if not paths:
+        raise ConfigError("ckpt_path=[] names no checkpoint.")
+    return [Path(str(p)) for p in paths]
 
 
 def load_config(ckpt_path: Path, overrides: list[str], config: Path | None = None) -> DictConfig:
@@ -66,51 +95,123 @@ def check_checkpoint(ckpt_path: Path, cfg: DictConfig, num_classes: int) -> None
         )
 
 
-def evaluate(ckpt_path: Path, cfg: DictConfig) -> dict[str, float]:
-    """Test the checkpoint on the config's data with the clinical evaluation; new MLflow run."""
+def check_same_data(first: Path, cfg: DictConfig, other: Path, other_cfg: DictConfig) -> None:
+    """Ensemble members must come from runs on the same data: the first run's test split is
+    the one evaluated, and another split could hold the other member's training images."""
+    a, b = _data_identity(cfg), _data_identity(other_cfg)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        found = "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"{first} and {other} come from runs on different data ({found}): an ensemble is "
+            "evaluated on the first run's test split, so give checkpoints of runs with the same "
+            "data config (model, seed and training settings may differ)."
+        )
+    if cfg.data.get("fold") != other_cfg.data.get("fold"):
+        log.warning(
+            "%s and %s are of different folds: the operating point and temperature are chosen "
+            "on the first run's val fold, which the other member trained on (optimistic).",
+            first,
+            other,
+        )
+
+
+def _data_identity(cfg: DictConfig) -> dict:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    found = {k: v for k, v in data.items() if k not in MAY_DIFFER}
+    found["inputs"] = getattr(get_class(cfg.model._target_), "inputs", "image")
+    return found
+
+
+def evaluate(
+    ckpt_path: Path | Sequence[Path], cfg: DictConfig, overrides: Sequence[str] = ()
+) -> dict[str, float]:
+    """Test a checkpoint, or the ensemble of several (mean probability), on the data of `cfg`
+    (the first checkpoint's run config) with the clinical evaluation; a new MLflow run.
+
+    Further members are checked against their own run configs, with the same `overrides`.
+    """
+    ckpts = [ckpt_path] if isinstance(ckpt_path, Path) else [Path(p) for p in ckpt_path]
+    members = [(ckpts[0], cfg)] + [(c, load_config(c, list(overrides))) for c in ckpts[1:]]
+    for other, other_cfg in members[1:]:
+        check_same_data(ckpts[0], cfg, other, other_cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    source_dir = ckpt_path.resolve().parent.parent
-    output_dir = source_dir / "eval" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    output_dir = _new_dir(ckpts[0].resolve().parent.parent / "eval")
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.trainer.default_root_dir = str(output_dir)
         if cfg.get("logger"):
-            cfg.logger.run_name = f"eval-{cfg.logger.run_name}"
+            kind = f"ensemble{len(ckpts)}-" if len(ckpts) > 1 else ""
+            cfg.logger.run_name = f"eval-{kind}{cfg.logger.run_name}"
             cfg.logger.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.logger.tracking_uri)
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
+    listed = ",".join(map(str, ckpts))
     with tracking.run_status(loggers):
         for logger in tracking.mlflow_loggers(loggers):
-            tracking.start_run(logger, cfg, output_dir, [f"ckpt_path={ckpt_path}"])
-            _tag_source(logger, ckpt_path, source_dir)
+            given = f"ckpt_path=[{listed}]" if len(ckpts) > 1 else f"ckpt_path={listed}"
+            tracking.start_run(logger, cfg, output_dir, [given, *overrides])
+            _tag_sources(logger, ckpts)
         datamodule = instantiate(cfg.data, _convert_="object")
-        model_class = get_class(cfg.model._target_)
-        datamodule.inputs = getattr(model_class, "inputs", "image")
+        datamodule.inputs = getattr(get_class(cfg.model._target_), "inputs", "image")
         datamodule.setup("test")
-        check_checkpoint(ckpt_path, cfg, datamodule.num_classes)
-        model = model_class.load_from_checkpoint(ckpt_path, map_location="cpu")
+        model = load_model(members, datamodule.num_classes)
         datamodule.mean, datamodule.std = model.mean, model.std
         # eval.* wins: the saved callback settings were resolved from the run's eval.* values
         settings = dict((cfg.get("callbacks") or {}).get("clinical_evaluation") or {})
         settings.pop("_target_", None)
         callback = ClinicalEvaluation(**{**settings, **(cfg.get("eval") or {})})
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[callback], logger=loggers or False)
+        trainer = one_device(cfg, [callback], loggers)  # a DDP run's config tests in one process
         trainer.test(model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     lines = [f"{k} {v:.4f}" for k, v in sorted(metrics.items())]
-    log.info("Evaluated %s in %s\n  %s", ckpt_path, output_dir, "\n  ".join(lines))
+    log.info("Evaluated %s in %s\n  %s", listed, output_dir, "\n  ".join(lines))
     return metrics
 
 
-def _tag_source(logger: MLFlowLogger, ckpt: Path, source_dir: Path) -> None:
+def load_model(members: list[tuple[Path, DictConfig]], num_classes: int) -> L.LightningModule:
+    """The checkpoint's module, or the `Ensemble` of several; each checked against its config."""
+    models = []
+    for ckpt, member_cfg in members:
+        check_checkpoint(ckpt, member_cfg, num_classes)
+        model_class = get_class(member_cfg.model._target_)
+        models.append(model_class.load_from_checkpoint(ckpt, map_location="cpu"))
+    if len(models) == 1:
+        return models[0]
+    if any(getattr(m, "task", None) != "classification" for m in models):
+        raise ConfigError(
+            "ckpt_path=[...]: ensembles average class probabilities, so every checkpoint must "
+            "be a classifier; evaluate segmentation checkpoints one at a time."
+        )
+    return Ensemble(models, num_classes)
+
+
+def _new_dir(parent: Path) -> Path:
+    """`<parent>/<date>_<time>`, suffixed when an evaluation of the same second exists."""
+    stamp, n = datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), 0
+    while True:
+        path = parent / (f"{stamp}-{n}" if n else stamp)
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def _tag_sources(logger: MLFlowLogger, ckpts: list[Path]) -> None:
+    """The checkpoints and their training runs, comma-separated in member order."""
     client = logger.experiment
     client.set_tag(logger.run_id, "mlflow.source.name", "medx.eval")
-    client.set_tag(logger.run_id, "medx.checkpoint", str(ckpt))
-    runs = client.search_runs(
-        [logger.experiment_id], f"tags.`medx.output_dir` = '{source_dir}'", max_results=1
-    )
-    if runs:
-        client.set_tag(logger.run_id, "medx.source_run_id", runs[0].info.run_id)
+    client.set_tag(logger.run_id, "medx.checkpoint", ",".join(map(str, ckpts)))
+    sources = []
+    for ckpt in ckpts:
+        source_dir = ckpt.resolve().parent.parent
+        runs = client.search_runs(
+            [logger.experiment_id], f"tags.`medx.output_dir` = '{source_dir}'", max_results=1
+        )
+        sources += [runs[0].info.run_id] if runs else []
+    if sources:
+        client.set_tag(logger.run_id, "medx.source_run_id", ",".join(sources))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -122,13 +223,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     if "ckpt_path" not in named or any("=" not in a for a in args):
         sys.exit(USAGE)
-    ckpt_path = Path(named["ckpt_path"])
     overrides = [a for a in args if a.split("=", 1)[0] not in named]
     try:
-        if not ckpt_path.is_file():
-            raise ConfigError(f"ckpt_path={ckpt_path} does not exist.")
+        ckpts = checkpoint_paths(named["ckpt_path"])
+        for ckpt in ckpts:
+            if not ckpt.is_file():
+                raise ConfigError(f"ckpt_path: {ckpt} does not exist.")
         config = Path(named["config"]) if "config" in named else None
-        return evaluate(ckpt_path, load_config(ckpt_path, overrides, config))
+        return evaluate(ckpts, load_config(ckpts[0], overrides, config), overrides)
     except Exception as err:
         if (medx_err := user_error(err)) is None:
             raise

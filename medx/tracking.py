@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,6 +57,14 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
+    """The MLflow loggers, on global rank 0 only: one MLflow run per job, not one per rank.
+
+    Lightning's MLFlowLogger is rank-zero-only already (elsewhere its client is a dummy and its
+    run id None); every medx write to a run (params, tags, artifacts, end status) goes
+    through this list, so other DDP ranks, or the copies torchrun/SLURM start, leave it alone.
+    """
+    if rank_zero_only.rank != 0:
+        return []
     return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
 
 

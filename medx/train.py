@@ -10,6 +10,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
 
@@ -49,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         callbacks.append(resume.RandomState())  # so that ckpt_path resumes exactly
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        _check_sync_batchnorm(cfg, trainer)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test", True):
@@ -56,11 +58,42 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             )
             log.info("Testing %s", best or "the final weights (no checkpoint was saved)")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-            metrics.update(trainer.callback_metrics)
+            tester = trainer if _processes(trainer) == 1 else one_device(cfg, callbacks, loggers)
+            tester.test(model, datamodule=datamodule, ckpt_path=best or None)
+            metrics.update(tester.callback_metrics)
     metrics = {k: float(v) for k, v in metrics.items()}
     _report(cfg, metrics, trainer, loggers)
     return metrics
+
+
+def one_device(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
+    """The configured Trainer on one device in this process: the one that tests.
+
+    DDP's DistributedSampler pads the test set with repeated images so that every rank gets
+    the same number; test metrics must count each image once (Lightning's own advice).
+    """
+    return instantiate(
+        cfg.trainer,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        sync_batchnorm=False,
+        callbacks=callbacks,
+        logger=loggers or False,
+    )
+
+
+def _processes(trainer: L.Trainer) -> int:
+    return trainer.num_devices * trainer.num_nodes
+
+
+def _check_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """torch's SyncBatchNorm fails on CPU tensors deep inside a worker: say so before fit."""
+    if cfg.trainer.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs (torch has no CPU SyncBatchNorm): add "
+            "trainer.sync_batchnorm=false to train with DDP on CPU."
+        )
 
 
 def _report(

@@ -188,6 +188,8 @@ class ClinicalEvaluation(Callback):
         self.metrics: dict[str, float] = {}
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:  # under DDP: rank 0 predicts every image itself
+            return
         if getattr(pl_module, "task", "classification") != "classification":
             log.debug("Clinical evaluation skipped: %s is no classifier", type(pl_module).__name__)
             return
