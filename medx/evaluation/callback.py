@@ -85,6 +85,12 @@ def evaluate(
             for key in ("sensitivity", "specificity", "ppv", "npv"):
                 if key in at_op:
                     found[f"{split}/{key}_at_op"] = at_op[key]
+        # the clinical claim is made at the operating point: its rates get CIs too
+        cis = metrics.bootstrap_ci(test.labels, probs, n_boot, seed, threshold=threshold)
+        for name in ("sensitivity", "specificity"):
+            if name in cis:
+                low, high = cis[name]
+                found[f"test/{name}_at_op_ci_low"], found[f"test/{name}_at_op_ci_high"] = low, high
 
     before = calibration.reliability(test.labels, probs)
     found["test/ece"], found["test/mce"] = before.ece, before.mce

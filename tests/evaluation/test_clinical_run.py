@@ -34,6 +34,8 @@ def test_a_run_reports_and_its_checkpoint_reproduces_it(
     assert m["test/auroc_ci_low"] <= m["test/auroc"] <= m["test/auroc_ci_high"]
     for key in ("sensitivity", "specificity"):
         assert m[f"test/{key}_ci_low"] <= m[f"test/{key}_ci_high"]
+        at_op = f"test/{key}_at_op"
+        assert m[f"{at_op}_ci_low"] <= m[at_op] <= m[f"{at_op}_ci_high"]
     for key in ("sensitivity_at_op", "specificity_at_op", "threshold_at_op", "ece", "mce"):
         assert f"test/{key}" in m and f"test/{key}" in metrics
     assert m["val/sensitivity_at_op"] >= 0.95  # chosen on val, reached on val
