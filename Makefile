@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: install train test test-all lint ui mlflow-server bench clean
+.PHONY: install train test test-all lint ui mlflow-server bench bench-pneumoniamnist clean
 
 install: $(STAMP)
 
@@ -31,13 +31,21 @@ ui: install
 
 # A tracking server for a team: runs log to it with MLFLOW_TRACKING_URI=http://<host>:$(PORT).
 # MLFLOW_BACKEND=postgresql://user:pw@host/db for Postgres; HOST=0.0.0.0 to serve beyond this machine.
+# ARTIFACTS=s3://bucket/medx or a shared folder; SERVER_ARGS e.g. --allowed-hosts for a DNS name.
 MLFLOW_BACKEND ?= $(MLFLOW_DB)
 HOST ?= 127.0.0.1
+ARTIFACTS ?= ./mlartifacts
+SERVER_ARGS ?=
 mlflow-server: install
-	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --host $(HOST) --port $(PORT)
+	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --host $(HOST) --port $(PORT) \
+		--artifacts-destination $(ARTIFACTS) $(SERVER_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/default_run.py
+
+# PneumoniaMNIST, 3 seeds, against the MedMNIST v2 table (needs MEDX_DATA; ~10 min a run)
+bench-pneumoniamnist: install
+	$(BIN)/python benchmarks/pneumoniamnist.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -23,11 +23,14 @@ class SplitLoaders(L.LightningDataModule):
         dataset = self._dataset(split, train)
         if not len(dataset):
             raise ConfigError(f"The {split} split of data={self.name} is empty.")
+        # Under DDP each process sees 1/world of the split: decide on that share, or a small
+        # split would train on zero batches per process.
+        world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,  # a batch of 1 breaks BatchNorm
+            drop_last=train and len(dataset) // world > self.batch_size,  # batch of 1 breaks BN
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
