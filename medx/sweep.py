@@ -1,9 +1,12 @@
-"""One parent MLflow run per `-m` sweep: its jobs as children, a leaderboard, fold statistics.
+"""One parent MLflow run per `-m` sweep: its jobs as children, a leaderboard, fold statistics,
+an Optuna search's best trial.
 
 Hydra calls `ParentRun` (configured under `hydra.callbacks`) in the launching process. The
-parent's id reaches the jobs through `$MEDX_PARENT_RUN_ID` (jobs of the basic launcher run in
-this process; submitit and Slurm jobs inherit the environment), and `medx.tracking.start_run`
-tags each job's run with `mlflow.parentRunId`, so the MLflow UI nests the jobs under the sweep.
+parent's id reaches each job as `$MEDX_PARENT_RUN_ID`, set by `on_job_start` in the job's own
+process: the launching process for the basic launcher, a submitit or Slurm process (which need
+not inherit our environment) for the others, which carry the callback there pickled. Then
+`medx.tracking.start_run` tags the job's run with `mlflow.parentRunId`, so the MLflow UI nests
+the jobs under the sweep.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,15 +23,19 @@ import numpy as np
 import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
+
+from medx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "MEDX_PARENT_RUN_ID"
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "medx.sweep"  # "parent" on the sweep's own run; compare.py leaves those out
+OPTUNA_RESULTS = "optimization_results.yaml"  # the Optuna sweeper's best trial, in the sweep dir
 
 
 def swept_keys(overrides: list[str]) -> list[str]:
@@ -73,6 +81,32 @@ def fold_statistics(runs: list[Run]) -> dict[str, float]:
     return stats
 
 
+def check_direction(config: DictConfig) -> None:
+    """An optimising sweeper must push the monitored metric the way checkpoints select it."""
+    direction = (config.hydra.get("sweeper") or {}).get("direction")
+    if direction not in ("maximize", "minimize"):
+        return  # the basic sweeper, or a multi-objective list: nothing to compare
+    mode = config.get("monitor_mode") or get_class(config.model._target_).monitor_mode
+    wanted = "maximize" if mode == "max" else "minimize"
+    if direction != wanted:
+        metric = config.get("monitor") or get_class(config.model._target_).monitor
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction} but monitor_mode={mode} ({metric}): set "
+            f"hydra.sweeper.direction={wanted}, or monitor_mode to match the direction."
+        )
+
+
+def log_optuna_results(client: MlflowClient, run_id: str, path: Path, metric: str) -> None:
+    """The Optuna sweeper's best trial on the parent: `best.<key>` params, `<metric>_best`."""
+    results = OmegaConf.load(path)
+    client.log_artifact(run_id, str(path))
+    if "best_value" not in results:
+        return  # several objectives: a Pareto front (`solutions`), in the artifact only
+    for key, value in results.best_params.items():
+        client.log_param(run_id, f"best.{key}", value)
+    client.log_metric(run_id, f"{metric}_best", float(results.best_value))
+
+
 class ParentRun(Callback):
     """Hydra callback: a parent MLflow run around each multirun (no-op for single runs)."""
 
@@ -80,8 +114,13 @@ class ParentRun(Callback):
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
         self.swept: list[str] = []
+        self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_direction(config)
+        except ConfigError as err:
+            sys.exit(f"medx: {err}")  # Hydra turns exceptions raised in callbacks into warnings
         logger = config.get("logger") or {}
         if not str(logger.get("_target_", "")).endswith("MLFlowLogger"):
             return  # logger=csv/none: nothing to nest
@@ -93,7 +132,7 @@ class ParentRun(Callback):
             else self.client.create_experiment(logger.experiment_name)
         )
         overrides = list(config.hydra.overrides.task)
-        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.sweep_dir = sweep_dir = Path(str(config.hydra.sweep.dir))
         run = self.client.create_run(
             experiment_id,
             run_name=f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}",
@@ -111,9 +150,12 @@ class ParentRun(Callback):
             path = Path(tmp) / "overrides.yaml"
             path.write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
             self.client.log_artifact(self.run_id, str(path))
-        os.environ[PARENT_ENV] = self.run_id
         atexit.register(self._end, "FAILED")  # a job that raises skips on_multirun_end
         log.info("MLflow parent run %s for the sweep over %s", self.run_id, self.swept)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is not None:  # submitit jobs unpickle the callback with its run id
+            os.environ[PARENT_ENV] = self.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.client is None or self.run_id is None:
@@ -131,6 +173,9 @@ class ParentRun(Callback):
             if "data.fold" in self.swept:
                 for name, value in fold_statistics(runs).items():
                     self.client.log_metric(self.run_id, name, value)
+            results = self.sweep_dir / OPTUNA_RESULTS if self.sweep_dir else None
+            if results is not None and results.is_file():
+                log_optuna_results(self.client, self.run_id, results, metric)
         self._end("FINISHED")
 
     def _end(self, status: str) -> None:
