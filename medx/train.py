@@ -62,6 +62,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             tester.test(model, datamodule=datamodule, ckpt_path=best or None)
             metrics.update(tester.callback_metrics)
     metrics = {k: float(v) for k, v in metrics.items()}
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if best is not None:
+        metrics[f"{cfg.monitor}_best"] = float(best)
     _report(cfg, metrics, trainer, loggers)
     return metrics
 
@@ -99,9 +102,8 @@ def _check_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
 def _report(
     cfg: DictConfig, metrics: dict[str, float], trainer: L.Trainer, loggers: list[Logger]
 ) -> None:
-    callback = trainer.checkpoint_callback
-    best = callback.best_model_score if callback is not None else None
-    lines = [f"{cfg.monitor} best {float(best):.4f}" if best is not None else ""]
+    best = metrics.get(f"{cfg.monitor}_best")
+    lines = [f"{cfg.monitor} best {best:.4f}" if best is not None else ""]
     lines += [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
     for logger in tracking.mlflow_loggers(loggers):
         lines.append(f"MLflow run {logger.run_id} ({logger._tracking_uri})")
@@ -162,7 +164,8 @@ def main(cfg: DictConfig) -> float | None:
             raise
         log.error("%s", medx_err)
         sys.exit(f"medx: {medx_err}")
-    return metrics.get(cfg.monitor)
+    # the selected checkpoint's score, not the last epoch's (DDP spawn does not return it)
+    return metrics.get(f"{cfg.monitor}_best", metrics.get(cfg.monitor))
 
 
 if __name__ == "__main__":

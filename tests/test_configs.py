@@ -33,6 +33,9 @@ def choices(group: str) -> list[str]:
         "callbacks",
         "debug",
         "experiment",
+        "loss",
+        "mixup",
+        "hparams_search",
     ],
 )
 def test_every_choice_composes(group: str, tmp_path: Path):
