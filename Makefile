@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: install train test test-all lint ui mlflow-server bench bench-pneumoniamnist clean
+.PHONY: install train test test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg clean
 
 install: $(STAMP)
 
@@ -45,7 +45,13 @@ bench: install
 
 # PneumoniaMNIST, 3 seeds, against the MedMNIST v2 table (needs MEDX_DATA; ~10 min a run)
 bench-pneumoniamnist: install
-	$(BIN)/python benchmarks/pneumoniamnist.py $(ARGS)
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/pneumoniamnist.py $(ARGS)
+
+bench-quality: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/quality.py $(ARGS)
+
+bench-lung-seg: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/lung_seg.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
