@@ -1,8 +1,9 @@
 """`python -m medx.predict CKPT INPUT_DIR OUTPUT_DIR`: masks from a segmentation checkpoint.
 
 Each image is resized to the size the model was trained at, segmented, and its probability
-map resized back to the image's own size before thresholding, so every mask PNG (0/255, same
-file stem) lies exactly on its image, whatever its size or format.
+map resized back to the image's own size before thresholding (and the model's
+`postprocess`), so every mask PNG (0/255, same file stem) lies exactly on its image, whatever
+its size or format.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def predict_mask(model: SegmentationModule, image: np.ndarray, threshold: float)
     std = torch.tensor(model.std)[:, None, None]
     prob = model.predict_masks(((x - mean) / std)[None])[0, 0].numpy()
     prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.where(prob >= threshold, 255, 0).astype(np.uint8)
+    mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
+    return model.postprocess(mask) if model.postprocess else mask
 
 
 def predict_folder(

@@ -14,7 +14,8 @@ from torch import nn
 
 from medx import tracking
 from medx.errors import ConfigError
-from medx.models.overlap import overlap_scores
+from medx.models.overlap import overlap_scores, pooled_dice
+from medx.models.postprocess import apply_to_batch, make_postprocess
 from medx.models.segmentation_nets import create_segmenter
 from medx.models.strategy import Strategy
 from medx.models.transfer import Optimizer, Scheduler, TransferModule
@@ -23,6 +24,8 @@ from medx.overlays import overlay, save_grid
 log = logging.getLogger(__name__)
 
 WORST = 5  # worst test images reported by name and drawn
+PER_IMAGE = ("dice", "iou", "accuracy")  # averaged over images: val/dice, test/dice, ...
+COUNTS = ("tp", "fp", "fn")  # pixel counts per image, for test/dice_pooled
 
 
 class DiceBCE(nn.Module):
@@ -68,6 +71,7 @@ class SegmentationModule(TransferModule):
         arch_kwargs: dict | None = None,
         image_size: int = 256,
         threshold: float = 0.5,
+        postprocess: str = "none",
         overlay_images: int = 8,
         strategy: Strategy | dict | None = None,
         optimizer: Optimizer | None = None,
@@ -82,6 +86,7 @@ class SegmentationModule(TransferModule):
         )
         self.loss_fn = make_loss(loss)
         self.zscore, self.threshold, self.overlay_images = zscore, threshold, overlay_images
+        self.postprocess = make_postprocess(postprocess)
         self._epoch: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +100,11 @@ class SegmentationModule(TransferModule):
     def predict_masks(self, x: torch.Tensor) -> torch.Tensor:
         """Foreground probabilities (N x 1 x H x W) for normalised inputs."""
         return torch.sigmoid(self(x))
+
+    def binarize(self, prob: torch.Tensor) -> torch.Tensor:
+        """{0,1} masks from probabilities: thresholded, then `postprocess`ed (one place, so
+        val/dice, test/dice and the overlays all score the masks users get)."""
+        return apply_to_batch(self.postprocess, (prob >= self.threshold).float())
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
@@ -124,13 +134,13 @@ class SegmentationModule(TransferModule):
 
     def _start(self, stage: str) -> None:
         self._epoch = {"stage": stage, "index": [], "shown": [], "worst": []}
-        self._epoch.update({k: [] for k in ("dice", "iou", "accuracy")})
+        self._epoch.update({k: [] for k in PER_IMAGE + COUNTS})
 
     def _eval_step(self, stage: str, batch: Any) -> None:
         x, y, index = batch
         logits = self(x)
         self.log(f"{stage}/loss", self.loss_fn(logits, y), on_epoch=True, batch_size=len(y))
-        pred = (torch.sigmoid(logits) >= self.threshold).to(y.dtype)
+        pred = self.binarize(torch.sigmoid(logits)).to(y.dtype)
         scores = overlap_scores(pred, y)
         for key, values in scores.items():
             self._epoch[key].append(values.cpu())
@@ -154,10 +164,11 @@ class SegmentationModule(TransferModule):
     def _end(self, stage: str) -> None:
         if not self._epoch.get("index"):
             return
-        scores = {k: torch.cat(self._epoch[k]) for k in ("dice", "iou", "accuracy")}
-        self.log_dict({f"{stage}/{k}": v.mean() for k, v in scores.items()}, prog_bar=True)
+        scores = {k: torch.cat(self._epoch[k]) for k in PER_IMAGE + COUNTS}
+        self.log_dict({f"{stage}/{k}": scores[k].mean() for k in PER_IMAGE}, prog_bar=True)
         if stage == "test":
             dice = scores["dice"]
+            self.log(f"{stage}/dice_pooled", pooled_dice(*(scores[k] for k in COUNTS)))
             self.log(f"{stage}/dice_median", dice.median())
             self.log(f"{stage}/dice_worst{WORST}", dice.sort().values[:WORST].mean())
             self._report_test(torch.cat(self._epoch["index"]), scores)
@@ -171,11 +182,11 @@ class SegmentationModule(TransferModule):
         order = scores["dice"].argsort().tolist()
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["image", "dice", "iou", "accuracy"])
+            writer.writerow(["image", *PER_IMAGE])
             for k in order:
                 writer.writerow(
                     [self._name("test", int(index[k]))]
-                    + [f"{float(scores[m][k]):.4f}" for m in ("dice", "iou", "accuracy")]
+                    + [f"{float(scores[m][k]):.4f}" for m in PER_IMAGE]
                 )
         worst = ", ".join(
             f"{self._name('test', int(index[k]))} {float(scores['dice'][k]):.3f}"

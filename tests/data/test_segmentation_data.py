@@ -136,3 +136,44 @@ def test_empty_image_folder_names_it(tmp_path: Path):
 def test_missing_root_says_what_to_set(tmp_path: Path):
     with pytest.raises(DataError, match=r"data\.root=.*nowhere does not exist"):
         _module(tmp_path / "nowhere").setup()
+
+
+def _real_split_layout(lung_seg: Path, root: Path, sizes: dict[str, int]) -> dict[str, set[str]]:
+    """root/{split}/{images,masks} of links to real CXRs (the smallest files, for speed)."""
+    images = sorted((lung_seg / "images").iterdir(), key=lambda p: p.stat().st_size)
+    given, start = {}, 0
+    for split, n in sizes.items():
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+        for image in images[start : start + n]:
+            mask = lung_seg / "masks" / f"{image.stem}.png"
+            (root / split / "images" / image.name).symlink_to(image)
+            (root / split / "masks" / mask.name).symlink_to(mask)
+        given[split] = {p.name for p in images[start : start + n]}
+        start += n
+    (root / "metadata.csv").symlink_to(lung_seg / "metadata.csv")
+    return given
+
+
+def test_given_train_val_test_folders_are_used_as_they_are(medx_data: Path, tmp_path: Path):
+    given = _real_split_layout(
+        medx_data / "lung_seg", tmp_path / "split", {"train": 6, "val": 2, "test": 3}
+    )
+    dm = _module(tmp_path / "split")
+    dm.setup()
+
+    assert {s: {p.name for p in dm.splits[s].images} for s in given} == given  # nothing carved
+    assert all(p.startswith("patient:") for p in dm.splits["train"].patients)  # metadata.csv
+    x, y, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (3, 3, 64, 64) and 0.1 < y.mean() < 0.7  # real lungs, resized with images
+
+
+def test_a_missing_val_folder_is_carved_from_train_only(medx_data: Path, tmp_path: Path):
+    given = _real_split_layout(medx_data / "lung_seg", tmp_path / "split", {"train": 8, "test": 2})
+    dm = _module(tmp_path / "split")
+    dm.setup()
+
+    names = {s: {p.name for p in dm.splits[s].images} for s in ("train", "val", "test")}
+    assert names["test"] == given["test"]
+    assert names["val"] and names["train"] | names["val"] == given["train"]
+    assert not set(dm.splits["train"].patients) & set(dm.splits["val"].patients)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medx.errors import ConfigError, MedxError
-from medx.models.overlap import overlap_scores
+from medx.models.overlap import overlap_scores, pooled_dice
 from medx.models.segmentation import SegmentationModule
 from medx.models.segmentation_nets import create_segmenter
 from medx.models.strategy import Strategy
@@ -27,6 +27,10 @@ def test_dice_and_iou_agree_with_a_hand_computation():
     assert scores["dice"].tolist() == pytest.approx([2 * 4 / (2 * 4 + 4 + 4), 0.0, 1.0])
     assert scores["iou"].tolist() == pytest.approx([4 / (4 + 4 + 4), 0.0, 1.0])
     assert scores["accuracy"].tolist() == pytest.approx([8 / 16, 15 / 16, 1.0])
+    # pooled over all pixels: tp 4, fp 4, fn 4 + 1 (the missed pixel); the empty image adds 0
+    pooled = pooled_dice(scores["tp"], scores["fp"], scores["fn"])
+    assert pooled.item() == pytest.approx(2 * 4 / (2 * 4 + 4 + 5))
+    assert pooled.item() != pytest.approx(scores["dice"].mean().item())  # two conventions
 
 
 @pytest.mark.parametrize("arch", ["unet", "fpn"])
