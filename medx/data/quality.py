@@ -72,18 +72,25 @@ class QualityImageDataset(Dataset):
     `crop`: a random crop × crop window of the transformed image (training only). The defects
     cover the whole image, so a window at full resolution keeps the pixel-level evidence
     (noise, blur, JPEG blocks) that shrinking the image would erase, at a fraction of the cost.
+    `repeats`: each sample served this many times per epoch (different windows): more optimizer
+    steps per pass over the whole-image validation set, which costs as much as a crop epoch.
     """
 
     def __init__(
-        self, samples: QualitySamples, transform: ImageTransform, crop: int | None = None
+        self,
+        samples: QualitySamples,
+        transform: ImageTransform,
+        crop: int | None = None,
+        repeats: int = 1,
     ) -> None:
-        self.samples, self.transform, self.crop = samples, transform, crop
+        self.samples, self.transform, self.crop, self.repeats = samples, transform, crop, repeats
 
     def __len__(self) -> int:
-        return len(self.samples.paths)
+        return len(self.samples.paths) * self.repeats
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples
+        i %= len(s.paths)
         gray = load_sample(s.paths[i], s.degradations[i], s.severities[i], s.seeds[i])
         image = self.transform(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
         if self.crop:
@@ -104,6 +111,7 @@ class QualityDataModule(PhantomDataModule):
         bad_ratio: float = 3.0,
         max_sources: int | None = None,
         train_crop: int | None = None,
+        train_repeats: int = 1,
         **kwargs,
     ) -> None:
         kwargs.setdefault("name", "quality")
@@ -123,7 +131,12 @@ class QualityDataModule(PhantomDataModule):
                 f"data.train_crop={train_crop} must lie in [32, data.image_size={self.image_size}]"
                 " (or be null: train on whole images)."
             )
-        self.train_crop = train_crop
+        if not (isinstance(train_repeats, int) and train_repeats >= 1):
+            raise ConfigError(
+                f"data.train_repeats={train_repeats} must be an integer >= 1 (training windows "
+                "per image and epoch)."
+            )
+        self.train_crop, self.train_repeats = train_crop, train_repeats
         self.feature_cache = Path(feature_cache) if feature_cache else None
         self.inputs = "image"  # medx.train sets the model family's choice before setup
         self.source_classes: list[str] = []
@@ -242,7 +255,9 @@ class QualityDataModule(PhantomDataModule):
         if not train:
             return QualityImageDataset(self.splits[split], self.eval_transform())
         transform = ImageTransform(self.image_size, self.mean, self.std, self.augment)
-        return QualityImageDataset(self.splits[split], transform, self.train_crop)
+        return QualityImageDataset(
+            self.splits[split], transform, self.train_crop, self.train_repeats
+        )
 
 
 def compute_features(samples: QualitySamples) -> np.ndarray:

@@ -88,6 +88,22 @@ def test_train_crop_trains_on_native_windows_and_tests_whole_images(
         quality(phantom_cache, tmp_path, train_crop=65)
 
 
+def test_train_repeats_serves_each_image_several_times_in_other_windows(
+    phantom_cache: Path, tmp_path: Path
+):
+    once = quality(phantom_cache, tmp_path, train_crop=32).train_dataloader().dataset
+    thrice = quality(phantom_cache, tmp_path, train_crop=32, train_repeats=3)
+    dataset = thrice.train_dataloader().dataset
+    n = len(once)
+
+    assert len(dataset) == 3 * n and len(thrice.val_dataloader().dataset) < n
+    windows = [dataset[i] for i in (0, n, 2 * n)]  # the same sample, three draws
+    assert {label for _, label in windows} == {once[0][1]}
+    assert not all(torch.equal(windows[0][0], w) for w, _ in windows[1:])
+    with pytest.raises(ConfigError, match=r"data\.train_repeats=0"):
+        quality(phantom_cache, tmp_path, train_repeats=0)
+
+
 def test_unknown_degradation_is_a_config_error_listing_choices(tmp_path: Path):
     cfg = compose(["data=quality", f"paths.root_dir={tmp_path}", "+data.degradations.blurr=[0,1]"])
     with pytest.raises(Exception) as err:
