@@ -25,7 +25,7 @@ def medx_data() -> Path:
     value = os.environ.get("MEDX_DATA")
     if not value:
         pytest.skip("MEDX_DATA is not set; set it to the shared data folder to run this test")
-    root = Path(value)
+    root = Path(value).resolve()  # symlinks made by tests must not be relative to the cwd
     if not root.is_dir():
         pytest.fail(f"MEDX_DATA={value} is set but is not a folder; point it at the data folder")
     return root
