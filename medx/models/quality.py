@@ -22,6 +22,7 @@ from medx.errors import ConfigError
 from medx.models.backbones import UNIT_MEAN, UNIT_STD
 from medx.models.classifier import ClassifierSteps, classification_metrics
 from medx.models.losses import LossFactory, class_logits
+from medx.models.schedulers import optimizer_config
 from medx.quality.features import FEATURES, LOG_FEATURES
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,4 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
         standardised features wants a far larger step than a CNN."""
         extra = {"lr": self.hparams.lr} if self.hparams.lr is not None else {}
         optimizer = self.optimizer_factory(self.parameters(), **extra)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
-        }
+        return optimizer_config(optimizer, self.scheduler_factory)

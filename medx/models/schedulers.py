@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -40,3 +41,21 @@ def cosine(
     start = 1.0 / (warmup_epochs + 1)
     warmup = lr.LinearLR(optimizer, start_factor=start, total_iters=warmup_epochs)
     return lr.SequentialLR(optimizer, [warmup, decay], milestones=[warmup_epochs])
+
+
+def optimizer_config(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None,
+) -> Any:
+    """What `configure_optimizers` returns: the optimizer, with its scheduler stepped per epoch
+    (plateau watching val/loss) when one is configured. One place for every LightningModule."""
+    if scheduler is None:
+        return optimizer
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {
+            "scheduler": scheduler(optimizer),
+            "interval": "epoch",
+            "monitor": "val/loss",
+        },
+    }

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from medx.models.schedulers import optimizer_config
 from medx.models.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,4 @@ class TransferModule(L.LightningModule):
         optimizer = self.optimizer_factory(self._param_groups)
         for group in optimizer.param_groups:  # the strategy's lower backbone LR
             group["lr"] *= group["lr_scale"]
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
-        }
+        return optimizer_config(optimizer, self.scheduler_factory)
