@@ -122,7 +122,12 @@ def download_error(arch: str, err: BaseException) -> MedxError:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a local timm or torchvision state dict; a classifier head is left new."""
+    """Load a local timm or torchvision state dict, or the network of a medx checkpoint.
+
+    A classifier head is left new. Keys are matched under the prefix that fits most of them, so
+    `module.` (DataParallel) files and medx `.ckpt` files (`net.`, a segmenter's `net.encoder.`)
+    load as they are: e.g. a classifier trained on chest X-rays becomes a U-Net encoder.
+    """
     if not path.is_file():
         raise ConfigError(f"model.weights={path} does not exist: give a local .pth/.pt file.")
     try:
@@ -132,7 +137,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    state = {_strip_prefix(k): v for k, v in state.items()}
+    state = _under_best_prefix(state, model.state_dict())
     # Classifiers keep their new head; a segmentation encoder has none.
     head = (
         _param_names(model, model.get_classifier()) if hasattr(model, "get_classifier") else set()
@@ -152,11 +157,16 @@ def load_weights(model: nn.Module, path: Path) -> None:
     log.info("Loaded %d tensors from %s", len(state), path)
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "model."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key
+def _under_best_prefix(state: dict, own: dict) -> dict:
+    """The entries of `state` under the key prefix ("", "module.", "net.encoder.", ...) that
+    names the most tensors of `own`, with that prefix removed."""
+    prefixes = {""} | {k[: i + 1] for k in state for i, c in enumerate(k) if c == "."}
+
+    def fits(prefix: str) -> int:
+        return sum(k.startswith(prefix) and k[len(prefix) :] in own for k in state)
+
+    best = max(sorted(prefixes), key=fits)
+    return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
 
 
 def _is_weight(key: str) -> bool:

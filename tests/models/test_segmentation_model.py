@@ -12,6 +12,7 @@ from medx.models.overlap import overlap_scores, pooled_dice
 from medx.models.segmentation import SegmentationModule
 from medx.models.segmentation_nets import create_segmenter
 from medx.models.strategy import Strategy
+from medx.train import train
 
 
 def test_dice_and_iou_agree_with_a_hand_computation():
@@ -71,6 +72,21 @@ def test_local_encoder_weights_are_loaded(tmp_path: Path):
     first = "model.conv1.0.weight"
     assert torch.equal(loaded.model.encoder.state_dict()[first], source.encoder.state_dict()[first])
     assert loaded.mean == (0.485, 0.456, 0.406)  # ImageNet normalisation with trained weights
+
+
+def test_a_medx_classifier_checkpoint_becomes_the_encoder(make_cfg, tmp_path: Path):
+    """In-domain pretraining offline: a backbone trained on chest X-rays seeds the U-Net."""
+    train(make_cfg("debug=limit", "trainer.max_epochs=1"))  # a classifier on the phantom
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trained = torch.load(checkpoint, weights_only=True)["state_dict"]
+
+    spec = create_segmenter("unet", "tu-test_resnet", weights=str(checkpoint))
+
+    encoder = spec.model.encoder.model.state_dict()
+    assert torch.equal(encoder["conv1.0.weight"], trained["net.conv1.0.weight"])
+    assert torch.equal(encoder["layer4.0.bn2.running_var"], trained["net.layer4.0.bn2.running_var"])
+    fresh = create_segmenter("unet", "tu-test_resnet").model.encoder.model.state_dict()
+    assert not torch.equal(fresh["conv1.0.weight"], trained["net.conv1.0.weight"])
 
 
 def test_pretrained_offline_says_what_to_do(monkeypatch):
