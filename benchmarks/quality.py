@@ -31,8 +31,12 @@ SWEEP = [
     "model=quality_logreg,resnet18",
     "data.max_sources=400",
     "data.image_size=224",  # the sources' own size: shrinking erases noise, blur and JPEG blocks
-    "data.train_crop=64",  # CNN trains on native-resolution 64 px windows (12x cheaper)
-    "trainer.max_epochs=10",
+    # whole images: 64 px windows (data.train_crop=64) train 12x faster but cannot tell a dim or
+    # flat image from a dark or flat region (macro-F1 .874, errors: contrast, exposure, JPEG)
+    "data.batch_size=32",
+    "optimizer.lr=2e-3",  # the CNN's; the baseline has its own model.lr
+    "scheduler.warmup_epochs=1",
+    "trainer.max_epochs=18",  # early stopping (patience 5 on val AUROC) usually ends it sooner
     "trainer.enable_progress_bar=false",
     "callbacks.rich_progress_bar=null",
     "logger.experiment_name=quality_bench",

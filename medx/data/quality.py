@@ -199,6 +199,18 @@ class QualityDataModule(PhantomDataModule):
                 out.seeds.append(int(rng.integers(2**31)))
         return out
 
+    def describe_samples(self, split: str) -> dict[str, list]:
+        """How each sample of `split` was made, for the evaluation's per-image table and its
+        errors by degradation (`test_by_degradation.csv`)."""
+        self.setup()
+        s = self.splits[split]
+        return {
+            "degradation": [d or "none" for d in s.degradations],
+            "severity": [
+                round(v, 4) if d else "" for d, v in zip(s.degradations, s.severities, strict=True)
+            ],
+        }
+
     def model_kwargs(self) -> dict:
         kwargs = super().model_kwargs()
         if self.inputs == "features":

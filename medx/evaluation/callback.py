@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +69,17 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     test_paths: Sequence[str] | None = None,
+    test_columns: Mapping[str, Sequence] | None = None,
 ) -> tuple[dict[str, float], list[Path]]:
-    """All `test/...` (and val-side `val/..._at_op`) metrics, and the files written to out_dir."""
+    """All `test/...` (and val-side `val/..._at_op`) metrics, and the files written to out_dir.
+
+    `test_columns`: more per-image facts from the datamodule (e.g. the quality task's
+    degradation and severity), appended to test_predictions.csv; each text column also gets
+    `test_by_<column>.csv`, the errors per value, to show which kind of case a model misses.
+    """
+    test_columns = {
+        k: list(v) for k, v in (test_columns or {}).items() if len(v) == len(test.labels)
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     probs, num_classes = test.probs, test.logits.shape[1]
     found = {f"test/{k}": v for k, v in metrics.classification_metrics(test.labels, probs).items()}
@@ -126,9 +135,43 @@ def evaluate(
             test_paths,
             threshold,
             calibrated,
+            test_columns,
         )
     )
+    at_op = None if threshold is None else (probs[:, 1] >= threshold).astype(int)
+    for name, values in test_columns.items():
+        if all(isinstance(v, str) for v in values):
+            path = out_dir / f"test_by_{name}.csv"
+            files.append(_errors_by(path, name, values, test.labels, preds, probs, at_op))
     return found, files
+
+
+def _errors_by(
+    path: Path,
+    name: str,
+    values: Sequence[str],
+    labels: np.ndarray,
+    preds: np.ndarray,
+    probs: np.ndarray,
+    at_op: np.ndarray | None,
+) -> Path:
+    """Per value of one test column: images, errors at argmax (and at the operating point),
+    mean probability of the predicted positive class (binary) or of the true class."""
+    values = np.asarray(values)
+    binary = probs.shape[1] == 2
+    score = probs[:, 1] if binary else probs[np.arange(len(labels)), labels]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        header = [name, "images", "errors", "error_rate"]
+        header += ["errors_at_op"] if at_op is not None else []
+        writer.writerow([*header, "mean_probability" if binary else "mean_true_class_probability"])
+        for value in sorted(set(values.tolist())):
+            rows = values == value
+            errors = int((preds[rows] != labels[rows]).sum())
+            row = [value, int(rows.sum()), errors, f"{errors / rows.sum():.4f}"]
+            row += [int((at_op[rows] != labels[rows]).sum())] if at_op is not None else []
+            writer.writerow([*row, f"{score[rows].mean():.4f}"])
+    return path
 
 
 def _operating_point(val: Predictions, target: float, num_classes: int) -> float | None:
@@ -153,14 +196,18 @@ def _write_predictions(
     paths: Sequence[str] | None,
     threshold: float | None,
     calibrated: np.ndarray | None,
+    columns: Mapping[str, Sequence] | None = None,
 ) -> Path:
     """One row per test image: path, label, probability (positive class, or of the
-    prediction when multi-class), prediction; per-class probabilities when multi-class."""
+    prediction when multi-class), prediction; per-class probabilities when multi-class; then
+    the datamodule's own `columns`."""
+    columns = columns or {}
     binary = probs.shape[1] == 2
     header = ["path", "label", "probability", "prediction"]
     header += ["prediction_at_op"] if threshold is not None else []
     header += ["probability_calibrated"] if calibrated is not None else []
     header += [] if binary else [f"probability_{c}" for c in class_names]
+    header += list(columns)
     paths = paths if paths is not None and len(paths) == len(preds) else range(len(preds))
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -173,7 +220,7 @@ def _write_predictions(
             if calibrated is not None:
                 row.append(f"{calibrated[i, column]:.6f}")
             row += [] if binary else [f"{p:.6f}" for p in probs[i]]
-            writer.writerow(row)
+            writer.writerow(row + [values[i] for values in columns.values()])
     return path
 
 
@@ -211,6 +258,8 @@ class ClinicalEvaluation(Callback):
         class_names = list(getattr(dm, "classes", None) or map(str, range(num_classes)))
         splits = getattr(dm, "splits", {})
         test_paths = [str(p) for p in splits["test"].paths] if "test" in splits else None
+        describe = getattr(dm, "describe_samples", None)
+        test_columns = describe("test") if describe is not None else None
         out_dir = Path(trainer.default_root_dir) / ARTIFACT_DIR
         found, files = evaluate(
             val,
@@ -222,6 +271,7 @@ class ClinicalEvaluation(Callback):
             self.bootstrap,
             self.seed,
             test_paths,
+            test_columns,
         )
         history = _history(trainer)
         if history:

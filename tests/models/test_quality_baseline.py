@@ -56,6 +56,22 @@ def test_baseline_run_logs_classifier_metrics_and_reports(
     test_x = model.scale(torch.from_numpy(datamodule.features("test")[0]))
     assert not torch.allclose(model.feature_mean, test_x.mean(0), atol=1e-4)
 
+    # which degradations the model misses: per image, then counted per degradation
+    evaluation = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/test_by_degradation.csv" in evaluation
+    folder = Path(cfg.paths.output_dir) / "evaluation"
+    rows = list(csv.DictReader((folder / "test_predictions.csv").open()))
+    made = datamodule.describe_samples("test")["degradation"]
+    assert [r["degradation"] for r in rows] == made and "none" in made
+    assert all((r["label"] == "good") == (r["degradation"] == "none") for r in rows)
+    by = {r["degradation"]: r for r in csv.DictReader((folder / "test_by_degradation.csv").open())}
+    assert sum(int(r["images"]) for r in by.values()) == len(rows)
+    for name, row in by.items():
+        mine = [r for r in rows if r["degradation"] == name]
+        assert int(row["images"]) == len(mine)
+        assert int(row["errors"]) == sum(r["prediction"] != r["label"] for r in mine)
+        assert int(row["errors_at_op"]) == sum(r["prediction_at_op"] != r["label"] for r in mine)
+
 
 def test_score_command_writes_a_csv_for_a_real_folder(make_cfg, medx_data: Path, tmp_path: Path):
     cfg = make_cfg(*QUALITY, "logger=none", "test=false")
