@@ -19,6 +19,7 @@ import torch
 
 from medx.data.io import list_images, read_image, verify_images
 from medx.errors import DataError, MedxError
+from medx.models.postprocess import POSTPROCESS, make_postprocess
 from medx.models.segmentation import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,14 @@ def predict_folder(
     output_dir: str | Path,
     threshold: float | None = None,
     skip_bad_images: bool = False,
+    postprocess: str | None = None,
 ) -> list[Path]:
-    """Write `output_dir/<stem>.png` for every image in `input_dir`; returns the mask paths."""
+    """Write `output_dir/<stem>.png` for every image in `input_dir`; returns the mask paths.
+    `threshold` and `postprocess` (a `model.postprocess` name) default to the checkpoint's."""
     model = load_segmenter(ckpt_path)
     threshold = model.threshold if threshold is None else threshold
+    if postprocess is not None:
+        model.postprocess = make_postprocess(postprocess)
     images = verify_images(list_images(Path(input_dir)), skip_bad=skip_bad_images)
     if not images:
         raise DataError(f"{input_dir} holds no images (.png/.jpg/.jpeg/...).")
@@ -91,11 +96,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", help="where <stem>.png masks (0/255) are written")
     parser.add_argument("--threshold", type=float, help="default: the model's (0.5)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files")
+    parser.add_argument(
+        "--postprocess", choices=list(POSTPROCESS), help="default: the model's model.postprocess"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         paths = predict_folder(
-            args.ckpt_path, args.input_dir, args.output_dir, args.threshold, args.skip_bad_images
+            args.ckpt_path,
+            args.input_dir,
+            args.output_dir,
+            args.threshold,
+            args.skip_bad_images,
+            args.postprocess,
         )
     except MedxError as err:
         sys.exit(f"medx: {err}")

@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from medx.data.io import read_image
 from medx.errors import ConfigError, DataError
+from medx.models.postprocess import fill_holes
 from medx.predict import main as predict_main
 from medx.predict import predict_folder
 from medx.train import train
@@ -77,6 +79,22 @@ def test_phantom_checkpoint_predicts_masks_at_the_original_size(
     predict_main([str(ckpt), str(inputs), str(tmp_path / "cli")])
     assert "3 masks written" in capsys.readouterr().out
     assert len(list((tmp_path / "cli").glob("*.png"))) == 3
+
+    # the lung prior on request: a low threshold makes specks, --postprocess lungs removes them
+    low = ["--threshold", "0.01"]
+    predict_main([str(ckpt), str(inputs), str(tmp_path / "raw"), *low])
+    predict_main([str(ckpt), str(inputs), str(tmp_path / "lungs"), *low, "--postprocess", "lungs"])
+    raw, lungs = _masks(tmp_path / "raw"), _masks(tmp_path / "lungs")
+    assert max(map(_regions, raw)) > 2
+    assert max(map(_regions, lungs)) <= 2 and all(np.array_equal(m, fill_holes(m)) for m in lungs)
+
+
+def _masks(folder: Path) -> list[np.ndarray]:
+    return [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) > 0 for p in sorted(folder.iterdir())]
+
+
+def _regions(mask: np.ndarray) -> int:
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
 
 
 def test_a_classification_checkpoint_is_refused(make_cfg, tmp_path: Path):
