@@ -112,7 +112,7 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         scores = super().test_step(batch, batch_idx)
-        self._test_outputs.append((batch[0].cpu(), batch[1].cpu(), scores.detach().cpu()))
+        self._test_outputs.append((batch[0].cpu(), batch[1].cpu()))
         return scores
 
     def on_test_epoch_end(self) -> None:
@@ -124,10 +124,10 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
     def _write_reports(self) -> None:
         from medx.quality.reports import write_reports  # matplotlib only when reporting
 
-        x, y, p = (torch.cat(parts).numpy() for parts in zip(*self._test_outputs, strict=True))
+        x, y = (torch.cat(parts).numpy() for parts in zip(*self._test_outputs, strict=True))
         root = Path(self.trainer.default_root_dir or ".") / "quality_report"
         paths = write_reports(
-            root, y, p, x, self.feature_names, self.coefficients(), list(self.hparams.class_names)
+            root, y, x, self.feature_names, self.coefficients(), list(self.hparams.class_names)
         )
         tracking.log_artifacts(self.loggers, paths)
         log.info("Quality reports in %s", root)

@@ -1,8 +1,9 @@
-"""Quality-baseline reports: what the seed project printed, plus why the model decides.
+"""Quality-baseline reports: why the linear model decides as it does.
 
-Files (logged as MLflow artifacts by the model): the confusion matrix (text and PNG), the
-classification report in scikit-learn's text layout, a coefficient plot and the per-class
-distribution of every feature on the test split.
+Files (logged as MLflow artifacts by the model): a coefficient plot and the per-class
+distribution of every feature on the test split. The confusion matrix and the classification
+report in scikit-learn's text layout (what the seed project printed) come from the clinical
+evaluation, as for every classifier, under `evaluation/`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
 
 from medx.quality.features import LOG_FEATURES
 
@@ -23,55 +23,21 @@ from medx.quality.features import LOG_FEATURES
 def write_reports(
     out_dir: Path,
     labels: np.ndarray,
-    scores: np.ndarray,
     features: np.ndarray,
     feature_names: Sequence[str],
     coefficients: np.ndarray,
     class_names: Sequence[str],
-    threshold: float = 0.5,
 ) -> list[Path]:
-    """Write every report for one test split; return the files written."""
+    """Write the baseline's own reports for one test split; return the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pred = (np.asarray(scores) >= threshold).astype(int)
     labels = np.asarray(labels).astype(int)
-    cm = confusion_matrix(labels, pred, labels=range(len(class_names)))
-    report = classification_report(
-        labels,
-        pred,
-        labels=range(len(class_names)),
-        target_names=list(class_names),
-        zero_division=0,
-    )
-    text = out_dir / "classification_report.txt"
-    text.write_text(report)
-    cm_text = out_dir / "confusion_matrix.txt"
-    header = "rows: true, columns: predicted (" + ", ".join(class_names) + ")\n"
-    cm_text.write_text(header + np.array2string(cm) + "\n")
     return [
-        text,
-        cm_text,
-        _confusion_plot(out_dir / "confusion_matrix.png", cm, class_names),
         _coefficient_plot(out_dir / "coefficients.png", coefficients, feature_names),
         _distribution_plot(
             out_dir / "feature_distributions.png", features, labels, feature_names, class_names
         ),
     ]
-
-
-def _confusion_plot(path: Path, cm: np.ndarray, class_names: Sequence[str]) -> Path:
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), n in np.ndenumerate(cm):
-        ax.text(j, i, str(n), ha="center", va="center", color="black")
-    ax.set_xticks(range(len(class_names)), class_names)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _coefficient_plot(path: Path, coefficients: np.ndarray, names: Sequence[str]) -> Path:
