@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from medx_cli import run_train, store
 from mlflow import MlflowClient
 
 from medx.errors import ConfigError
@@ -18,36 +16,19 @@ from medx.train import train
 def test_ddp_on_two_cpu_processes_gives_one_run_and_one_output_dir(
     tmp_path: Path, phantom_cache: Path
 ):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medx.train",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.max_epochs=1",
-            "model.backbone=test_resnet",
-            "data.n_patients=40",
-            "data.image_size=48",
-            "data.batch_size=8",  # 28 training images per rank: a few batches each
-            "data.num_workers=0",
-            "eval.bootstrap=100",
-            "callbacks.rich_progress_bar=null",
-            "trainer.enable_progress_bar=false",
-            f"paths.root_dir={tmp_path}",
-            f"paths.cache_dir={phantom_cache}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    out = run_train(
+        tmp_path,
+        phantom_cache,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=8",  # 28 training images per rank: a few batches each
+        "eval.bootstrap=100",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MEMBER: 2/2" in out.stderr  # Lightning's word that rank 1 joined the process group
 
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(store(tmp_path))
     (run,) = client.search_runs([client.get_experiment_by_name("medx").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.strategy"] == "ddp_spawn"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
+from medx_cli import run_train, store, sweep_runs
 
 from medx.data.classification import PhantomDataModule
 
@@ -33,35 +33,17 @@ def test_folds_partition_the_pool_and_keep_the_test_split(phantom_cache: Path):
 def test_three_fold_sweep_nests_folds_under_a_parent_with_mean_and_sd(
     tmp_path: Path, phantom_cache: Path
 ):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    args = [
-        "-m",
+    out = run_train(
+        tmp_path,
+        phantom_cache,
         "data.fold=0,1,2",
         "data.folds=3",
-        "model.backbone=test_resnet",
-        "data.n_patients=40",
-        "data.image_size=48",
-        "data.num_workers=0",
-        "trainer.max_epochs=1",
-        "callbacks.rich_progress_bar=null",
-        "trainer.enable_progress_bar=false",
         "logger.experiment_name=cv",
-        f"paths.root_dir={tmp_path}",
-        f"paths.cache_dir={phantom_cache}",
-    ]
-    out = subprocess.run(
-        [sys.executable, "-m", "medx.train", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+        multirun=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
 
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    every = client.search_runs([client.get_experiment_by_name("cv").experiment_id])
-    (parent,) = [r for r in every if r.data.tags.get("medx.sweep") == "parent"]
-    folds = [r for r in every if r is not parent]
+    parent, folds = sweep_runs(tmp_path, "cv")
     assert sorted(r.data.params["data.fold"] for r in folds) == ["0", "1", "2"]
     assert {r.data.tags["mlflow.parentRunId"] for r in folds} == {parent.info.run_id}
     assert parent.info.status == "FINISHED"
@@ -80,7 +62,7 @@ def test_three_fold_sweep_nests_folds_under_a_parent_with_mean_and_sd(
         ],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store(tmp_path)},
         timeout=120,
     )
     assert compared.returncode == 0, compared.stderr[-3000:]
