@@ -96,16 +96,16 @@ def main(extra: list[str]) -> None:
             at_op = macro_f1(m, p, "_at_op") if "test/sensitivity_at_op" in m else float("nan")
             by = client.download_artifacts(run.info.run_id, "evaluation/test_by_degradation.csv")
             errors = Path(by).read_text().strip().splitlines()[1:]
-            rows[p["model.backbone"]] = (
-                macro_f1(m, p),
-                at_op,
-                m["test/acc"],
-                m["test/auroc"],
-                minutes,
-                errors,
-                p,
-            )
-    p = next(iter(rows.values()))[-1]
+            rows[p["model.backbone"]] = {
+                "f1": macro_f1(m, p),
+                "at_op": at_op,
+                "acc": m["test/acc"],
+                "auroc": m["test/auroc"],
+                "minutes": minutes,
+                "errors": errors,
+                "params": p,
+            }
+    p = next(iter(rows.values()))["params"]
     n_test = int(p["dataset.counts.test.bad"]) + int(p["dataset.counts.test.good"])
 
     print(f"quality benchmark ({os.cpu_count()} CPUs), sweep {seconds:.0f} s")
@@ -117,18 +117,18 @@ def main(extra: list[str]) -> None:
     print(f"| features, 1024² 16-bit, 1 thread | {ms16:.2f} ms | — | — |")
     order = sorted(rows, key=lambda name: name != "logreg")  # the baseline, then the CNN
     for name in order:
-        f1, at_op, acc, auroc, minutes, _, _ = rows[name]
+        r = rows[name]
         target = TARGET_BASELINE if name == "logreg" else TARGET_CNN
         seed = "macro-F1 .68 (F1 .84 bad / .52 good), acc .76" if name == "logreg" else "—"
         print(
             f"| {name}: test macro-F1 at argmax (at val-chosen op; acc, AUROC), {n_test} test "
-            f"images, {minutes:.1f} min | {f1:.3f} ({at_op:.3f}; {acc:.3f}, {auroc:.3f}) | "
-            f"≥ {target:.2f} | {seed} |"
+            f"images, {r['minutes']:.1f} min | {r['f1']:.3f} ({r['at_op']:.3f}; {r['acc']:.3f}, "
+            f"{r['auroc']:.3f}) | ≥ {target:.2f} | {seed} |"
         )
     print("\ntest errors by degradation (evaluation/test_by_degradation.csv of each run)")
     for name in order:
         print(f"{name}: degradation,images,errors,error_rate,errors_at_op,mean_probability")
-        print("  " + "\n  ".join(rows[name][5]))
+        print("  " + "\n  ".join(rows[name]["errors"]))
 
 
 if __name__ == "__main__":

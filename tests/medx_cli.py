@@ -27,14 +27,14 @@ TINY = [  # a tiny network on 40 phantom patients for one epoch: seconds per job
 
 
 def run_train(
-    tmp_path: Path, cache: Path, *overrides: str, multirun: bool = False
+    tmp_path: Path, cache: Path, *overrides: str, multirun: bool = False, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """`python -m medx.train [-m] <TINY> <overrides>`, everything written under tmp_path."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": store(tmp_path)}
     medx = [sys.executable, "-m", "medx.train", *(["-m"] if multirun else [])]
     paths = [f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache}"]
     return subprocess.run(
-        [*medx, *TINY, *overrides, *paths], capture_output=True, text=True, env=env, timeout=600
+        [*medx, *TINY, *overrides, *paths], capture_output=True, text=True, env=env, timeout=timeout
     )
 
 

@@ -24,6 +24,7 @@ def test_ddp_on_two_cpu_processes_gives_one_run_and_one_output_dir(
         "trainer.devices=2",
         "data.batch_size=8",  # 28 training images per rank: a few batches each
         "eval.bootstrap=100",
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MEMBER: 2/2" in out.stderr  # Lightning's word that rank 1 joined the process group

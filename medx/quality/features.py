@@ -124,7 +124,7 @@ def image_features(image: np.ndarray) -> np.ndarray:
     """
     img, scale = to_unit(image)
     eight_bit = img.dtype == np.uint8
-    depth = cv2.CV_16S if eight_bit else cv2.CV_32F
+    depth, out_type = (cv2.CV_16S, np.int16) if eight_bit else (cv2.CV_32F, np.float32)
     src = img if img.dtype in (np.uint8, np.float32) else img.astype(np.float32)
     h, w = img.shape
     n = img.size
@@ -132,7 +132,7 @@ def image_features(image: np.ndarray) -> np.ndarray:
     brightness = cv2.sumElems(img)[0] / n * scale
     contrast = math.sqrt(max(cv2.norm(img, cv2.NORM_L2SQR) / n * scale**2 - brightness**2, 0.0))
 
-    out = _buffer(img.shape, np.int16 if eight_bit else np.float32)
+    out = _buffer(img.shape, out_type)
     lap = cv2.filter2D(src, depth, _LAPLACIAN, dst=out, borderType=cv2.BORDER_REFLECT_101)
     laplacian_var = _variance(lap, n) * scale**2
     tenengrad = (

@@ -41,10 +41,9 @@ def test_baseline_run_logs_classifier_metrics_and_reports(
     assert {"coefficients.png", "feature_distributions.png"} <= reports
     evaluation = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/classification_report.txt", "evaluation/confusion_matrix.png"} <= evaluation
-    report = mlflow_client.download_artifacts(
-        run.info.run_id, "evaluation/classification_report.txt"
+    report = Path(
+        mlflow_client.download_artifacts(run.info.run_id, "evaluation/classification_report.txt")
     )
-    report = Path(report)
     assert "macro avg" in report.read_text() and "good" in report.read_text()
 
     # the standardisation is the training split's, not val's or test's
