@@ -132,7 +132,7 @@ def _cli(*args: str) -> str:
 
 def test_cli_shows_config_and_choices():
     job = _cli("model=densenet121", "--cfg", "job")
-    assert "backbone: densenet121" in job and "_target_: medx.data.classification" in job
+    assert "backbone: densenet121" in job and "_target_: medx.data.folders" in job
     help_text = _cli("--help")
     for group, choice in [
         ("model", "efficientnet_b0"),

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from medx_cli import run_train, store, sweep_runs
 
-from medx.data.classification import PhantomDataModule
+from medx.data.folders import PhantomDataModule
 
 
 def test_folds_partition_the_pool_and_keep_the_test_split(phantom_cache: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from medx.data.classification import PhantomDataModule
+from medx.data.folders import PhantomDataModule
 from medx.errors import ConfigError, DataError
 from medx.train import train
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medx.data.classification import LabelledSplits
+from medx.data.folders import LabelledSplits
 from medx.data.loaders import SplitLoaders
 from medx.data.transforms import ImageTransform
 from medx.errors import ConfigError, DataError

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from medx.data.classification import SPLITS, PhantomDataModule, Samples
+from medx.data.folders import SPLITS, PhantomDataModule, Samples
 from medx.data.io import read_gray
 from medx.data.transforms import ImageTransform
 from medx.errors import ConfigError, DataError

@@ -38,8 +38,8 @@ UNIT_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
-class Backbone:
-    """A classifier network plus what strategies and transforms need to know about it."""
+class Network:
+    """A network (a classifier, or a whole segmenter) plus what strategies need to know."""
 
     model: nn.Module
     blocks: list[list[str]]  # parameter names per block, input → output, head excluded
@@ -56,7 +56,7 @@ def create_backbone(
     drop_rate: float = 0.0,
     head_hidden: int | None = None,
     small_input: bool = False,
-) -> Backbone:
+) -> Network:
     """Build `name` with a fresh `num_classes` head; ImageNet or local weights optional.
 
     `head_hidden=512` makes the head dropout → linear(512) → ReLU → dropout → linear (the
@@ -80,7 +80,7 @@ def create_backbone(
     groups = group_parameters(model, model.group_matcher(coarse=True))
     blocks = [[n for n in names if n not in head] for names in groups.values()]
     normalised = pretrained or bool(weights)
-    return Backbone(
+    return Network(
         model=model,
         blocks=[b for b in blocks if b],
         head=sorted(head),

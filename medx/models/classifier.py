@@ -14,7 +14,7 @@ from torchmetrics import AUROC, Accuracy, F1Score, MetricCollection, Recall, Spe
 from medx.models.backbones import create_backbone
 from medx.models.losses import ClassLoss, LossFactory, build_loss, class_logits, loss_spec
 from medx.models.strategy import Strategy
-from medx.models.transfer import Optimizer, Scheduler, TransferModule
+from medx.models.base import Optimizer, Scheduler, TransferModule
 
 log = logging.getLogger(__name__)
 

@@ -122,7 +122,7 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
         self._test_outputs = []
 
     def _write_reports(self) -> None:
-        from medx.quality.reports import write_reports  # matplotlib only when reporting
+        from medx.evaluation.quality_report import write_reports  # matplotlib only when reporting
 
         x, y = (torch.cat(parts).numpy() for parts in zip(*self._test_outputs, strict=True))
         root = Path(self.trainer.default_root_dir or ".") / "quality_report"

@@ -18,8 +18,8 @@ from medx.models.overlap import overlap_scores, pooled_dice
 from medx.models.postprocess import apply_to_batch, make_postprocess
 from medx.models.segmentation_nets import create_segmenter
 from medx.models.strategy import Strategy
-from medx.models.transfer import Optimizer, Scheduler, TransferModule
-from medx.overlays import overlay, save_grid
+from medx.models.base import Optimizer, Scheduler, TransferModule
+from medx.evaluation.overlays import overlay, save_grid
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from medx.models.backbones import (
     IMAGENET_STD,
     UNIT_MEAN,
     UNIT_STD,
-    Backbone,
+    Network,
     download_error,
     load_weights,
 )
@@ -45,7 +45,7 @@ def create_segmenter(
     weights: str | Path | None = None,
     xavier_init: bool = False,
     arch_kwargs: dict | None = None,
-) -> Backbone:
+) -> Network:
     """A one-class (binary) smp network; `blocks` are the encoder's, `head` the rest."""
     if arch not in ARCHITECTURES:
         raise ConfigError(
@@ -85,7 +85,7 @@ def create_segmenter(
     blocks = encoder_blocks(net.encoder)
     encoder_names = {f"encoder.{n}" for block in blocks for n in block}
     normalised = pretrained or bool(weights)
-    return Backbone(
+    return Network(
         model=net,
         blocks=[[f"encoder.{n}" for n in block] for block in blocks],
         head=[n for n, _ in net.named_parameters() if n not in encoder_names],

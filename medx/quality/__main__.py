@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from medx.quality.score import score_folder  # torch import only once arguments are fine
+    from medx.score import score_folder  # torch import only once arguments are fine
 
     try:
         out = score_folder(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from medx.data.classification import PhantomDataModule
+from medx.data.folders import PhantomDataModule
 from medx.models.classifier import ClassificationModule, inverse_frequency_weights
 from medx.models.strategy import Strategy
 

@@ -11,7 +11,7 @@ import pytest
 from hydra.utils import instantiate
 
 from medx.config import compose
-from medx.data.classification import ImageFolderDataModule
+from medx.data.folders import ImageFolderDataModule
 from medx.data.io import BadImageError
 from medx.errors import DataError
 

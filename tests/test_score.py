@@ -19,7 +19,7 @@ from medx.config import compose
 from medx.errors import DataError
 from medx.models.classifier import ClassificationModule
 from medx.quality.features import FEATURES
-from medx.quality.score import load_scorer
+from medx.score import load_scorer
 from medx.train import train
 
 
