@@ -11,3 +11,7 @@ class ConfigError(MedxError, ValueError):
 
 class DataError(MedxError):
     """A data set, image or mask cannot be used as it is."""
+
+
+class CheckpointError(MedxError):
+    """A checkpoint file cannot be used: missing, damaged, not medx's, or not plain weights."""

@@ -1,10 +1,12 @@
 """`python -m medx.eval ckpt_path=PATH [group=choice] [key=value ...]`: evaluate a checkpoint.
 
-The training run's own resolved config (`<output_dir>/config.yaml`, next to `checkpoints/`) is
-the starting point, so the data split, preprocessing and evaluation settings are the run's and
-the test metrics come out the same. `key=value` changes a key (`data.root=...`); `data=choice`
-swaps a whole group for its config file. The result is a new MLflow run (`eval-<run name>`,
-tagged with the source run) holding the clinical evaluation of `medx.evaluation`.
+The model comes from the checkpoint alone (`medx.models.load`). The data split, preprocessing
+and evaluation settings come from the training run's config: `config=PATH` when given, else the
+run's `config.yaml` next to `checkpoints/`, else the copy every checkpoint carries in its model
+card (so a checkpoint copied alone to another folder evaluates too), and the test metrics come
+out the same. `key=value` changes a key (`data.root=...`); `data=choice` swaps a whole group
+for its config file. The result is a new MLflow run (`eval-<run name>`, tagged with the source
+run) holding the clinical evaluation of `medx.evaluation`.
 
 `ckpt_path=[a.ckpt,b.ckpt]` (Hydra's list syntax) evaluates the ensemble of the checkpoints,
 their mean probability, on the first one's run config; the runs must share the data config.
@@ -20,19 +22,21 @@ from datetime import datetime
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medx import tracking
+from medx.cli import user_errors
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
 from medx.evaluation.callback import ClinicalEvaluation
 from medx.evaluation.ensemble import Ensemble
-from medx.train import one_device, user_error
+from medx.models.load import card_of, load, read_checkpoint
+from medx.train import one_device
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +67,7 @@ def checkpoint_paths(value: str) -> list[Path]:
 
 def load_config(ckpt_path: Path, overrides: list[str], config: Path | None = None) -> DictConfig:
     """The training run's config with `overrides` applied (group swaps composed from conf/)."""
-    config = config or ckpt_path.resolve().parent.parent / "config.yaml"
-    if not config.is_file():
-        raise ConfigError(
-            f"{config} not found: medx.eval reads the training run's config.yaml from the "
-            "run's output folder (the parent of checkpoints/); pass config=PATH otherwise."
-        )
-    cfg = OmegaConf.load(config)
+    cfg = _run_config(ckpt_path, config)
     pairs = [o.split("=", 1) for o in overrides]
     groups = {k: v for k, v in pairs if "." not in k and (Path(config_dir()) / k).is_dir()}
     if groups:  # compose the new group with the run's paths, then take it resolved
@@ -81,9 +79,38 @@ def load_config(ckpt_path: Path, overrides: list[str], config: Path | None = Non
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
 
 
+def _run_config(ckpt_path: Path, config: Path | None) -> DictConfig:
+    """`config`, else the run's config.yaml beside checkpoints/, else the checkpoint's copy."""
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"config={config} does not exist; give the run's config.yaml.")
+        return OmegaConf.load(config)
+    beside = run_dir(ckpt_path) / "config.yaml"
+    if ckpt_path.resolve().parent.name == "checkpoints" and beside.is_file():
+        return OmegaConf.load(beside)
+    card = card_of(read_checkpoint(ckpt_path))
+    if not card.get("config"):
+        raise ConfigError(
+            f"{ckpt_path} carries no training config (written by an older medx) and no "
+            f"{beside} exists: pass config=<the run's output dir>/config.yaml."
+        )
+    cfg = OmegaConf.create(card["config"])
+    if cfg.get("logger") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # the training machine's store may not exist here: use this machine's default store
+        with open_dict(cfg):
+            cfg.logger.tracking_uri = compose().logger.tracking_uri
+    return cfg
+
+
+def run_dir(ckpt_path: Path) -> Path:
+    """The training run's folder for `<run>/checkpoints/x.ckpt`; a lone file's own folder."""
+    parent = ckpt_path.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
 def check_checkpoint(ckpt_path: Path, cfg: DictConfig, num_classes: int) -> None:
     """A checkpoint of another model or data config: say which, before any shape error."""
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    saved = read_checkpoint(ckpt_path)["hyper_parameters"]
     wanted = {"backbone": cfg.model.get("backbone"), "num_classes": num_classes}
     found = {k: saved.get(k) for k in wanted}
     if found != wanted:
@@ -137,7 +164,7 @@ def evaluate(
         check_same_data(ckpts[0], cfg, other, other_cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    output_dir = _new_dir(ckpts[0].resolve().parent.parent / "eval")
+    output_dir = _new_dir(run_dir(ckpts[0]) / "eval")
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.trainer.default_root_dir = str(output_dir)
@@ -156,12 +183,7 @@ def evaluate(
         datamodule.inputs = getattr(get_class(cfg.model._target_), "inputs", "image")
         datamodule.setup("test")
         model = load_model(members, datamodule.num_classes)
-        datamodule.mean, datamodule.std = model.mean, model.std
-        # eval.* wins: the saved callback settings were resolved from the run's eval.* values
-        settings = dict((cfg.get("callbacks") or {}).get("clinical_evaluation") or {})
-        settings.pop("_target_", None)
-        callback = ClinicalEvaluation(**{**settings, **(cfg.get("eval") or {})})
-        trainer = one_device(cfg, [callback], loggers)  # a DDP run's config tests in one process
+        trainer = one_device(cfg, report_callbacks(cfg), loggers)  # DDP configs: one process
         trainer.test(model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     lines = [f"{k} {v:.4f}" for k, v in sorted(metrics.items())]
@@ -169,13 +191,25 @@ def evaluate(
     return metrics
 
 
+def report_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The run's report callbacks (medx.evaluation's), the clinical evaluation with eval.*."""
+    # eval.* wins: the saved callback settings were resolved from the run's eval.* values
+    entries = dict(cfg.get("callbacks") or {})
+    settings = dict(entries.pop("clinical_evaluation", None) or {})
+    settings.pop("_target_", None)
+    callbacks: list[L.Callback] = [ClinicalEvaluation(**{**settings, **(cfg.get("eval") or {})})]
+    for entry in entries.values():
+        if entry and str(entry.get("_target_", "")).startswith("medx.evaluation."):
+            callbacks.append(instantiate(entry))
+    return callbacks
+
+
 def load_model(members: list[tuple[Path, DictConfig]], num_classes: int) -> L.LightningModule:
     """The checkpoint's module, or the `Ensemble` of several; each checked against its config."""
     models = []
     for ckpt, member_cfg in members:
         check_checkpoint(ckpt, member_cfg, num_classes)
-        model_class = get_class(member_cfg.model._target_)
-        models.append(model_class.load_from_checkpoint(ckpt, map_location="cpu"))
+        models.append(load(ckpt))
     if len(models) == 1:
         return models[0]
     if any(getattr(m, "task", None) != "classification" for m in models):
@@ -203,15 +237,20 @@ def _tag_sources(logger: MLFlowLogger, ckpts: list[Path]) -> None:
     client = logger.experiment
     client.set_tag(logger.run_id, "mlflow.source.name", "medx.eval")
     client.set_tag(logger.run_id, "medx.checkpoint", ",".join(map(str, ckpts)))
-    sources = []
-    for ckpt in ckpts:
-        source_dir = ckpt.resolve().parent.parent
-        runs = client.search_runs(
-            [logger.experiment_id], f"tags.`medx.output_dir` = '{source_dir}'", max_results=1
-        )
-        sources += [runs[0].info.run_id] if runs else []
-    if sources:
+    sources = [_source_run(client, logger.experiment_id, ckpt) for ckpt in ckpts]
+    if all(sources):
         client.set_tag(logger.run_id, "medx.source_run_id", ",".join(sources))
+
+
+def _source_run(client: MlflowClient, experiment_id: str, ckpt: Path) -> str | None:
+    """The training run of a checkpoint: from its card, else by its run folder."""
+    run_id = card_of(read_checkpoint(ckpt)).get("run", {}).get("id")
+    if run_id:
+        return run_id
+    runs = client.search_runs(
+        [experiment_id], f"tags.`medx.output_dir` = '{run_dir(ckpt)}'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -224,18 +263,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if "ckpt_path" not in named or any("=" not in a for a in args):
         sys.exit(USAGE)
     overrides = [a for a in args if a.split("=", 1)[0] not in named]
-    try:
+    with user_errors():
         ckpts = checkpoint_paths(named["ckpt_path"])
-        for ckpt in ckpts:
-            if not ckpt.is_file():
-                raise ConfigError(f"ckpt_path: {ckpt} does not exist.")
+        for ckpt in ckpts:  # every file read (and refused, if bad) before any MLflow run
+            read_checkpoint(ckpt)
         config = Path(named["config"]) if "config" in named else None
         return evaluate(ckpts, load_config(ckpts[0], overrides, config), overrides)
-    except Exception as err:
-        if (medx_err := user_error(err)) is None:
-            raise
-        log.error("%s", medx_err)
-        sys.exit(f"medx: {medx_err}")
 
 
 if __name__ == "__main__":

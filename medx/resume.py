@@ -2,21 +2,26 @@
 
 The run of the same `logger.experiment_name` and run name that started last and whose output
 directory (tag `medx.output_dir`) holds `checkpoints/last.ckpt` is the one continued: metrics
-go on in that MLflow run, which ends FINISHED instead of staying FAILED. `RandomState` puts the
-random generators into every checkpoint, so a resumed fit draws the batches and augmentations
-the uninterrupted one would have drawn.
+go on in that MLflow run, which ends FINISHED instead of staying FAILED. `ResumableCheckpoint`
+keeps `last.ckpt` at the last completed epoch; `RandomState` puts the random generators into
+every checkpoint, so a resumed fit draws the batches and augmentations the uninterrupted one
+would have drawn.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from mlflow import MlflowClient
 from omegaconf import DictConfig, open_dict
 
@@ -90,3 +95,61 @@ class RandomState(L.Callback):
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (top-k by the monitored metric, once per validation) whose
+    `last.ckpt` is always the last completed epoch.
+
+    Lightning 2.6 rewrites `last.ckpt` (save_last=True) only when a top-k checkpoint is written,
+    i.e. when the metric improves: once it plateaus, `ckpt_path=last` would silently repeat
+    every epoch since. Here `last.ckpt` is written after every epoch's validation (so the
+    epoch's metrics, early-stopping and random state are in it) and, with
+    `every_n_train_steps=N`, also every N optimizer steps inside an epoch (long epochs). Unlike
+    Lightning's argument of that name, N does not move the top-k selection off epoch ends,
+    where the monitored metric is fresh.
+    """
+
+    def __init__(
+        self, *, save_last: bool = True, every_n_train_steps: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(save_last=False, **kwargs)  # last.ckpt is written here, not by Lightning
+        if every_n_train_steps is not None and every_n_train_steps < 0:
+            raise ConfigError(
+                f"callbacks.model_checkpoint.every_n_train_steps={every_n_train_steps}: give a "
+                "number of optimizer steps >= 1, or null (last.ckpt once per epoch)."
+            )
+        self.keep_last = bool(save_last)
+        self.last_every_n_train_steps = every_n_train_steps or 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        every = self.last_every_n_train_steps
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # epoch end follows
+        if every and trainer.global_step % every == 0 and not last_batch:
+            self.write_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):  # no validation: the epoch ends here
+            self.write_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self.write_last(trainer)
+
+    def write_last(self, trainer: L.Trainer) -> None:
+        """`<dirpath>/last.ckpt` of the trainer's state now (written atomically by Lightning)."""
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not self.keep_last or not fitting or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        self.last_model_path = os.path.join(
+            self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        )
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+        if trainer.is_global_zero:  # MLFlowLogger(log_model="all") uploads what it is told of
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))

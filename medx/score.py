@@ -1,31 +1,32 @@
-"""Screen a folder of images with a trained quality model: one CSV row per image.
+"""`python -m medx.score FOLDER --checkpoint QC_CKPT`: screen images with a quality model.
 
 Why: before training on a new data set, find the blurred, noisy, burnt-out or over-compressed
 images. The CSV holds every feature (so a threshold can be revisited without rescoring), the
 probability that the image is bad, and an error message for files that cannot be scored.
 
-Either model of the `data=quality` sweep scores: the feature baseline (`model=quality_logreg`)
-from the features, or a CNN (`ClassificationModule`) from the image, put through the eval
-transform of the run's own data module (size and normalisation as in validation and test).
+Either model of the `data=quality` sweep scores, opened by `medx.models.load` from its
+checkpoint alone: the feature baseline (`model=quality_logreg`) from the features, or a CNN
+from the image at the size it was trained at (its model card), exactly as in testing.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from rich.progress import track
 
-from medx.data.io import IMAGE_SUFFIXES, read_gray
+from medx.cli import user_errors
+from medx.data.io import IMAGE_SUFFIXES, find_images, read_gray
+from medx.data.transforms import ImageTransform
 from medx.errors import DataError, MedxError
+from medx.models.load import load
 from medx.quality.features import FEATURES, image_features
 
 log = logging.getLogger(__name__)
@@ -34,81 +35,33 @@ log = logging.getLogger(__name__)
 Scorer = Callable[[np.ndarray, np.ndarray], float]
 
 
-def find_images(folder: Path) -> list[Path]:
-    """Image files anywhere under `folder` (class subfolders included), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder of images; check the path.")
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
-
-
-def load_scorer(checkpoint: Path, config: Path | None = None) -> Scorer:
-    """The scorer of a quality checkpoint: the baseline's or a CNN's, told by its backbone.
-
-    `config` (CNN only): the training run's config.yaml; by default the one next to
-    `checkpoints/`, where medx.train writes it.
-    """
-    from medx.models.quality import BASELINES  # torch-heavy imports only once needed
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise DataError(f"Checkpoint {checkpoint} does not exist; pass a data=quality .ckpt.")
-    try:
-        hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
-        backbone = hparams["backbone"]
-    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
+def load_scorer(checkpoint: Path) -> Scorer:
+    """The scorer of a quality checkpoint (the baseline's or a CNN's), told by its card."""
+    model = load(checkpoint)
+    classes = model.card.get("class_names") or list(getattr(model.hparams, "class_names", []))
+    if model.task != "classification" or list(classes) != ["good", "bad"]:
+        name = (model.card.get("data") or {}).get("name")
         raise DataError(
-            f"{checkpoint} is no medx checkpoint (no hyper-parameters with a backbone): {err}"
-        ) from err
-    if backbone in BASELINES:
-        return _baseline_scorer(checkpoint)
-    return _cnn_scorer(checkpoint, config or checkpoint.resolve().parent.parent / "config.yaml")
-
-
-def _baseline_scorer(checkpoint: Path) -> Scorer:
-    from medx.models.quality import QualityBaseline
-
-    model = QualityBaseline.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    if list(model.feature_names) != list(FEATURES):
-        raise DataError(
-            f"{checkpoint} was trained on features {model.feature_names}; this medx computes "
-            f"{list(FEATURES)}. Retrain the baseline (model=quality_logreg)."
-        )
-
-    def score(gray: np.ndarray, features: np.ndarray) -> float:
-        return _p_bad(model, torch.as_tensor(features, dtype=torch.float32)[None])
-
-    return score
-
-
-def _cnn_scorer(checkpoint: Path, config: Path) -> Scorer:
-    from medx.data.quality import QualityDataModule
-    from medx.models.classifier import ClassificationModule
-
-    if not config.is_file():
-        raise DataError(
-            f"{config} not found: a CNN checkpoint is scored with its run's data settings "
-            "(image size) from the run's config.yaml; pass --config PATH."
-        )
-    data = OmegaConf.load(config).data
-    if data.get("_target_") != f"{QualityDataModule.__module__}.{QualityDataModule.__name__}":
-        raise DataError(
-            f"{checkpoint} was trained on data={data.get('name')} ({config}); the score command "
+            f"{checkpoint} was trained on data={name} (classes {classes}); the score command "
             "needs a model trained with data=quality (classes good, bad)."
         )
-    model = ClassificationModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    datamodule = instantiate(data)
-    datamodule.mean, datamodule.std = model.mean, model.std  # as medx.train sets them
-    transform = datamodule.eval_transform()
+    if model.inputs == "features":
+        if list(model.feature_names) != list(FEATURES):
+            raise DataError(
+                f"{checkpoint} was trained on features {model.feature_names}; this medx "
+                f"computes {list(FEATURES)}. Retrain the baseline (model=quality_logreg)."
+            )
 
-    def score(gray: np.ndarray, features: np.ndarray) -> float:
+        def from_features(gray: np.ndarray, features: np.ndarray) -> float:
+            return _p_bad(model, torch.as_tensor(features, dtype=torch.float32)[None])
+
+        return from_features
+    transform = ImageTransform(int(model.card["input"]["image_size"]), "none")
+
+    def from_image(gray: np.ndarray, features: np.ndarray) -> float:
         return _p_bad(model, transform(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))[None])
 
-    return score
+    return from_image
 
 
 @torch.inference_mode()
@@ -122,13 +75,12 @@ def score_folder(
     out: Path,
     threshold: float = 0.5,
     progress: bool = True,
-    config: Path | None = None,
 ) -> Path:
     """Write `out` (CSV): path, every feature, p_bad, verdict, error; return `out`."""
-    scorer = load_scorer(checkpoint, config)
+    scorer = load_scorer(checkpoint)
     paths = find_images(folder)
     if not paths:
-        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, or DICOM).")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -151,3 +103,28 @@ def score_folder(
             writer.writerow([path, *(f"{v:.6g}" for v in values), f"{p_bad:.4f}", verdict, ""])
     log.info("Scored %d images (%d failed) into %s", len(paths), failed, out)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m medx.score", description=__doc__)
+    parser.add_argument("folder", type=Path, help="images to screen (searched recursively)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a checkpoint (.ckpt) of a data=quality run: model=quality_logreg or a CNN",
+    )
+    parser.add_argument("--out", type=Path, default=Path("quality_scores.csv"))
+    parser.add_argument("--threshold", type=float, default=0.5, help="p_bad at or above: bad")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    with user_errors("medx.score"):
+        out = score_folder(
+            args.folder, args.checkpoint, args.out, args.threshold, not args.no_progress
+        )
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -166,3 +166,15 @@ def _terminate(loggers: list[Logger], status: str) -> None:
     for logger in mlflow_loggers(loggers):
         if logger.run_id:
             logger.experiment.set_terminated(logger.run_id, status)
+
+
+def run_info(loggers: list[Logger]) -> dict[str, str]:
+    """The MLflow run a model was trained in, for its model card (empty without MLflow)."""
+    for logger in mlflow_loggers(loggers):
+        info = {"id": logger.run_id, "experiment_id": logger.experiment_id}
+        info.update(name=logger._run_name, tracking_uri=logger._tracking_uri)
+        if commit := git_commit():
+            info["git_commit"] = commit
+        return {k: str(v) for k, v in info.items() if v}
+    commit = git_commit()
+    return {"git_commit": commit} if commit else {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -12,11 +11,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medx import resume, tracking
+from medx.cli import user_errors
 from medx.config import config_dir
-from medx.errors import ConfigError, MedxError
+from medx.errors import ConfigError
+from medx.models.card import training_card
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             scheduler=cfg.get("scheduler"),
             _convert_="object",  # plain lists/dicts: checkpoints load with weights_only
         )
-        datamodule.mean, datamodule.std = model.mean, model.std
+        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        model.card.update(
+            training_card(
+                datamodule,
+                OmegaConf.to_container(cfg.data, resolve=True),
+                OmegaConf.to_yaml(job, resolve=True),
+                tracking.run_info(loggers),
+            )
+        )
         tracking.log_params(loggers, datamodule.summary())
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         callbacks.append(resume.RandomState())  # so that ckpt_path resumes exactly
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         _check_sync_batchnorm(cfg, trainer)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(
+            model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+        )
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test", True):
             best = (
@@ -59,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
             log.info("Testing %s", best or "the final weights (no checkpoint was saved)")
             tester = trainer if _processes(trainer) == 1 else one_device(cfg, callbacks, loggers)
-            tester.test(model, datamodule=datamodule, ckpt_path=best or None)
+            tester.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(tester.callback_metrics)
     metrics = {k: float(v) for k, v in metrics.items()}
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
@@ -145,25 +156,11 @@ def _check_task(cfg: DictConfig) -> None:
         )
 
 
-def user_error(err: BaseException) -> MedxError | None:
-    """The MedxError behind `err` (Hydra wraps errors raised while instantiating)."""
-    while err is not None:
-        if isinstance(err, MedxError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the monitored metric for sweepers (e.g. Optuna)."""
-    try:
+    with user_errors():
         metrics = train(cfg)
-    except Exception as err:
-        if (medx_err := user_error(err)) is None:
-            raise
-        log.error("%s", medx_err)
-        sys.exit(f"medx: {medx_err}")
     # the selected checkpoint's score, not the last epoch's (DDP spawn does not return it)
     return metrics.get(f"{cfg.monitor}_best", metrics.get(cfg.monitor))
 

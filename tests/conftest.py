@@ -94,3 +94,14 @@ def tracked_runs(mlflow_client: MlflowClient):
         return mlflow_client.search_runs([found.experiment_id]) if found else []
 
     return runs
+
+
+@pytest.fixture
+def dicom_variants(medx_data: Path, tmp_path: Path) -> dict[str, Path]:
+    """One real chest X-ray as `reference.png` and as every DICOM variant medx must read as
+    exactly those pixels (MONOCHROME1/2, rescale, window, 12-bit, RLE, JPEG 2000, no
+    extension), all in tmp_path/"dicom": {"png": path, <variant>: path}; see tests/dicom_files.py.
+    """
+    from dicom_files import cxr_gray, write_dicom_variants
+
+    return write_dicom_variants(cxr_gray(medx_data), tmp_path / "dicom")

@@ -1,4 +1,4 @@
-"""`python -m medx.quality score` with a CNN checkpoint from a real (tiny) data=quality run."""
+"""`python -m medx.score` with a CNN checkpoint from a real (tiny) data=quality run."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import open_dict
 
-from medx.config import compose
+from medx.data.io import read_image
 from medx.errors import DataError
-from medx.models.classifier import ClassificationModule
+from medx.models.load import load
 from medx.quality.features import FEATURES
 from medx.score import load_scorer
 from medx.train import train
@@ -35,8 +35,7 @@ def test_cnn_checkpoint_scores_a_real_folder_as_in_testing(make_cfg, medx_data, 
     # a clean test image of the run: its p_bad must be what the model gave it in testing
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    model = ClassificationModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    datamodule.mean, datamodule.std = model.mean, model.std
+    model = load(checkpoint)
     clean = datamodule.splits["test"].degradations.index("")
     source = datamodule.splits["test"].paths[clean]
     shutil.copy(source, folder / f"test_image{source.suffix}")
@@ -45,7 +44,7 @@ def test_cnn_checkpoint_scores_a_real_folder_as_in_testing(make_cfg, medx_data, 
         expected = float(torch.softmax(model(image[None]), 1)[0, 1])
 
     done = subprocess.run(
-        [sys.executable, "-m", "medx.quality", "score", str(folder), "--no-progress",
+        [sys.executable, "-m", "medx.score", str(folder), "--no-progress",
          "--checkpoint", str(checkpoint), "--out", str(tmp_path / "scores.csv")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -59,16 +58,16 @@ def test_cnn_checkpoint_scores_a_real_folder_as_in_testing(make_cfg, medx_data, 
     assert all(np.isfinite([float(r[name]) for name in FEATURES]).all() for r in scored)
     assert float(rows[f"test_image{source.suffix}"]["p_bad"]) == pytest.approx(expected, abs=1e-4)
 
-    # The image size comes from the run's config.yaml: elsewhere, the checkpoint needs --config,
-    # and a config of another data set is refused.
+    # The checkpoint alone is enough: copied elsewhere, it scores the same; a checkpoint of a
+    # run on other data is refused, naming data=quality.
     moved = tmp_path / "elsewhere" / "model.ckpt"
     moved.parent.mkdir()
     shutil.copy(checkpoint, moved)
-    with pytest.raises(DataError, match=r"config\.yaml.*--config"):
-        load_scorer(moved)
-    config = OmegaConf.load(checkpoint.parent.parent / "config.yaml")
-    assert load_scorer(moved, config=checkpoint.parent.parent / "config.yaml")
-    config.data = compose(["data=phantom"]).data
-    OmegaConf.save(config, tmp_path / "phantom.yaml")
+    gray = cv2.cvtColor(read_image(source), cv2.COLOR_RGB2GRAY)
+    assert load_scorer(moved)(gray, np.zeros(len(FEATURES))) == pytest.approx(expected, abs=1e-4)
+    other = make_cfg("trainer.max_epochs=1", "test=false", "logger=none")
+    with open_dict(other):
+        other.paths.output_dir = str(tmp_path / "other")
+    train(other)
     with pytest.raises(DataError, match="needs a model trained with data=quality"):
-        load_scorer(checkpoint, config=tmp_path / "phantom.yaml")
+        load_scorer(tmp_path / "other" / "checkpoints" / "last.ckpt")

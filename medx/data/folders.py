@@ -4,29 +4,33 @@ Two layouts are understood:
 - split layout: `root/{train,val,test}/<class>/*` (Kermany); a missing `val/` or `test/` is
   carved out of `train/`, grouped by patient and stratified by class;
 - pool layout: `root/<class>/*`; val and test are both carved out of the pool.
+
+Hidden folders and `__MACOSX/` are never classes. Every image is decoded once in `setup`
+(bad files fail or are skipped, see medx.data.io) and its pixel digest kept, so that images
+repeated across the final splits are found (medx.data.duplicates, `data.duplicates`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medx.data.io import list_images, read_image, verify_images
-from medx.data.loaders import SplitLoaders
+from medx.data.duplicates import check_policy, find_duplicates
+from medx.data.io import check_images, is_hidden, list_images, read_image
+from medx.data.loaders import PhantomRoot, SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
-from medx.data.phantom import PhantomSource
-from medx.data.splits import kfold_by_patient, patient_ids, split_by_patient
+from medx.data.splits import SPLITS, kfold_by_patient, patient_ids, split_by_patient
 from medx.data.transforms import ImageTransform
 from medx.errors import DataError
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -61,10 +65,12 @@ class ImageDataset(Dataset):
 
 class LabelledSplits:
     """What every classification data module tells medx.train about its labels: the class
-    count and per-split counts (for class weights and the MLflow params)."""
+    count and per-split counts (for class weights and the MLflow params), and what its checks
+    found (`findings`: duplicates, skipped files), logged with them."""
 
     classes: list[str] | None
     splits: dict
+    findings: dict[str, dict]
 
     def setup(self, stage: str | None = None) -> None:
         raise NotImplementedError
@@ -84,13 +90,14 @@ class LabelledSplits:
         return {"num_classes": self.num_classes, "class_counts": self.class_counts["train"]}
 
     def summary(self) -> dict:
-        """Logged to MLflow: class names and per-split class counts."""
+        """Logged to MLflow: class names, per-split class counts, what the checks found."""
         counts = self.class_counts
         return {
             "dataset.classes": ",".join(self.classes),
             "dataset.counts": {
                 s: dict(zip(self.classes, c, strict=True)) for s, c in counts.items()
             },
+            **self.findings,
         }
 
 
@@ -98,6 +105,7 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
     """Images in class folders; splits grouped by patient (`patient_pattern` on file names)."""
 
     task = "classification"
+    layout_hint = "Point data.root at a folder with one subfolder of images per class."
 
     def __init__(
         self,
@@ -117,6 +125,7 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         download_hint: str = "",
         folds: int = 1,
         fold: int = 0,
+        duplicates: str = "warn",
     ) -> None:
         super().__init__()
         self.root = Path(root) if root else None
@@ -127,21 +136,11 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         self.augment, self.skip_bad_images, self.seed = augment, skip_bad_images, seed
         self.download_hint = download_hint
         self.folds, self.fold = folds, fold
-        self.mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # set from the backbone by medx.train
-        self.std: tuple[float, ...] = (0.5, 0.5, 0.5)
+        self.duplicates = check_policy(duplicates)
         self.splits: dict[str, Samples] = {}
-
-    def resolve_root(self) -> Path:
-        """The directory to read; subclasses may generate or download it first."""
-        if self.root is None or not self.root.is_dir():
-            raise DataError(
-                f"data.root={self.root} does not exist (data={self.name}). "
-                + (
-                    self.download_hint
-                    or "Point data.root at a folder with one subfolder per class."
-                )
-            )
-        return self.root
+        self.digests: dict[Path, bytes] = {}  # pixel digest of every verified image
+        self.skipped: Counter[str] = Counter()  # files passed over, by reason
+        self.findings = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -149,14 +148,13 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         root = self.resolve_root()
         layout = {s: root / s for s in SPLITS if (root / s).is_dir()}
         pool_dir = layout.get("train", root)
-        self.classes = self.classes or sorted(
-            d.name for d in pool_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-        )
+        self.classes = self.classes or class_folders(pool_dir)
         if len(self.classes) < 2:
             raise DataError(
                 f"{pool_dir} has {len(self.classes)} class folder(s) {self.classes}; a classifier "
                 "needs at least two subfolders of images, one per class (or set data.classes)."
             )
+        _check_split_classes(layout)
         splits = {s: self._scan(d) for s, d in layout.items()}
         if "train" not in splits:
             splits["train"] = self._scan(root)
@@ -165,12 +163,33 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         missing = {s: f for s, f in self.fractions.items() if not splits.get(s, Samples()).paths}
         if missing:
             pool = splits["train"]
-            parts = split_by_patient(pool.labels, pool.patients, missing, self.seed)
+            parts = split_by_patient(
+                pool.labels, pool.patients, missing, self.seed, class_names=self.classes
+            )
             splits.update({s: pool.subset(idx) for s, idx in parts.items()})
         if self.swap_val_test:
             splits["val"], splits["test"] = splits["test"], splits["val"]
-        self.splits = splits
+        self.splits = self._without_duplicates(root, splits)
+        if self.skipped:
+            self.findings["dataset.skipped"] = dict(sorted(self.skipped.items()))
         self._log_counts()
+
+    def _without_duplicates(self, root: Path, splits: dict[str, Samples]) -> dict[str, Samples]:
+        """Find images repeated across the final splits; drop later copies if asked."""
+
+        def name(path: Path) -> str:
+            return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+        found = find_duplicates(
+            {s: [self.digests[p] for p in splits[s].paths] for s in SPLITS},
+            {s: [name(p) for p in splits[s].paths] for s in SPLITS},
+            self.duplicates,
+            self.name,
+        )
+        self.findings["dataset.duplicates"] = found.summary()
+        if not found.dropped:
+            return splits
+        return {s: splits[s].subset(found.keep(s, len(splits[s].paths))) for s in SPLITS}
 
     def _cross_validation_pool(self, splits: dict[str, Samples]) -> None:
         """k-fold: val is fold `fold` of the pool left once test is set aside (given or carved).
@@ -181,7 +200,9 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         pool = splits["train"]
         if not splits.get("test", Samples()).paths:
             test_share = {"test": self.fractions["test"]}
-            parts = split_by_patient(pool.labels, pool.patients, test_share, self.seed)
+            parts = split_by_patient(
+                pool.labels, pool.patients, test_share, self.seed, class_names=self.classes
+            )
             splits["test"] = pool.subset(parts["test"])
             pool = pool.subset(parts["train"])
         given_val = splits.pop("val", Samples())
@@ -190,7 +211,9 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
             pool.labels + given_val.labels,
             pool.patients + given_val.patients,
         )
-        train, val = kfold_by_patient(pool.labels, pool.patients, self.folds, self.fold, self.seed)
+        train, val = kfold_by_patient(
+            pool.labels, pool.patients, self.folds, self.fold, self.seed, self.classes
+        )
         splits["train"], splits["val"] = pool.subset(train), pool.subset(val)
         log.info("%s: fold %d of %d as the val split", self.name, self.fold, self.folds)
 
@@ -203,7 +226,11 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
                     f"Class folder {folder} is missing: data.classes={self.classes} expects one "
                     f"subfolder per class in {split_dir}."
                 )
-            paths = verify_images(list_images(folder), skip_bad=self.skip_bad_images)
+            checked = check_images(list_images(folder, self.skipped), self.skip_bad_images)
+            self.digests.update(zip(checked.paths, checked.digests, strict=True))
+            if checked.bad:
+                self.skipped["bad_image"] += len(checked.bad)
+            paths = checked.paths
             if not paths:
                 raise DataError(
                     f"Class folder {folder} has no images (.png/.jpg/.jpeg/...): add images or "
@@ -228,34 +255,36 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
             )
 
     def _dataset(self, split: str, train: bool) -> Dataset:
-        transform = ImageTransform(
-            self.image_size, self.mean, self.std, self.augment if train else "none"
-        )
+        transform = ImageTransform(self.image_size, self.augment if train else "none")
         return ImageDataset(self.splits[split], transform)
 
 
-class PhantomDataModule(PhantomSource, ImageFolderDataModule):
+def class_folders(folder: Path) -> list[str]:
+    """The class folder names in ``folder``, sorted; hidden folders and __MACOSX are none."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
+
+
+def _check_split_classes(layout: dict[str, Path]) -> None:
+    """A val/ or test/ class folder that train/ lacks would be dropped without a word."""
+    if "train" not in layout:
+        return
+    trained = set(class_folders(layout["train"]))
+    for split in [s for s in ("val", "test") if s in layout]:
+        extra = [c for c in class_folders(layout[split]) if c not in trained]
+        if extra:
+            raise DataError(
+                f"Class folder {layout[split] / extra[0]} has no counterpart in "
+                f"{layout['train']} (train/ has {', '.join(sorted(trained))}): a class the "
+                f"model never trains on cannot be evaluated. Add {layout['train'] / extra[0]}, "
+                f"or move or rename {layout[split] / extra[0]}."
+            )
+
+
+class PhantomDataModule(PhantomRoot, ImageFolderDataModule):
     """The embedded default: synthetic chest X-rays generated once into `cache_dir`."""
 
-    def __init__(
-        self,
-        cache_dir: str | Path,
-        n_patients: int = 400,
-        images_per_patient: int = 2,
-        size: int = 128,
-        prevalence: float = 0.5,
-        generator_seed: int = 0,
-        **kwargs,
-    ) -> None:
-        kwargs.setdefault("name", "phantom")
-        kwargs.setdefault("classes", list(PHANTOM_CLASSES))
-        kwargs.setdefault("patient_pattern", r"patient(\d+)_")
-        super().__init__(root=None, **kwargs)
-        self.use_phantom(
-            cache_dir,
-            n_patients=n_patients,
-            images_per_patient=images_per_patient,
-            size=size,
-            prevalence=prevalence,
-            seed=generator_seed,
-        )
+    phantom_defaults: ClassVar[dict[str, Any]] = {
+        "name": "phantom",
+        "classes": PHANTOM_CLASSES,
+        "patient_pattern": r"patient(\d+)_",
+    }

@@ -1,42 +1,61 @@
 """Decode image files into what a backbone expects: uint8 RGB, HxWx3.
 
 Medical images arrive as 8- or 16-bit, gray or colour, with or without alpha, and now and
-then truncated by an interrupted copy. Everything here turns one file into one well-defined
-array, or raises :class:`BadImageError` naming the file and saying what to do, so that a bad
-file stops a run before training rather than at epoch 7.
+then truncated by an interrupted copy or corrupted on the way. Everything here turns one file
+into one well-defined array, or raises :class:`BadImageError` naming the file and saying what
+to do, so that a bad file stops a run before training rather than at epoch 7.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from medx.data.decoder_warnings import map_watching_decoders
 from medx.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# .dcm/.dicom are DICOM (medx.data.dicom), as are extensionless files with the DICM marker.
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+    ".dcm",
+    ".dicom",
+)
+# Smaller images carry no anatomy: a 1x1 or 8x8 file is an export or thumbnail gone wrong, and
+# resizing it to the network's input would train on a smear. Quality features need only 3x3.
+MIN_SIDE = 16
+# Folders that are never data: macOS puts resource forks of every zipped file in __MACOSX/.
+HIDDEN_FOLDERS = ("__MACOSX",)
 
 # ANYDEPTH keeps 16-bit (and float) pixels instead of cutting them to 8 bits; ANYCOLOR keeps
 # gray as one channel and colour as BGR. Unlike IMREAD_UNCHANGED, these flags let OpenCV apply
 # the EXIF orientation (as every image viewer, and so every annotator, does) and drop the alpha
-# channel in the decoder. Multi-page TIFFs give their first page.
+# channel in the decoder. Multi-page TIFFs and animated GIFs give their first page.
 _DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
+_JPEG_SOS = 0xDA
+_JPEG_BARE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})  # TEM, RSTn, SOI, EOI: no length
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# How many bytes at the end of a file (after padding) may hold the end marker; a few bytes of
-# trailer after it are tolerated, a file cut in the middle of its image data never matches.
-_TAIL_BYTES = 32
-_PADDING = b"\x00 \t\r\n"
+_PNG_IEND = b"IEND\xaeB`\x82"  # the end chunk's type and its CRC, which never varies
 
 _WHAT_TO_DO = "Delete or replace the file, or set data.skip_bad_images=true to skip bad images."
 
@@ -57,21 +76,50 @@ def _bad(path: Path, problem: str) -> BadImageError:
     return BadImageError(f"Image {path} {problem}. {_WHAT_TO_DO}", path)
 
 
+def corrupt_image_error(path: Path, warning: str) -> BadImageError:
+    """The error for a file whose decoder warned (medx.data.decoder_warnings) yet gave pixels."""
+    return _bad(
+        path, f'is corrupt: its decoder reported "{warning}", so part of its pixels are made up'
+    )
+
+
 def _truncation(data: bytes) -> str | None:
     """Say how the file is truncated, or None.
 
-    A JPEG or PNG cut short (interrupted download or copy) lacks its end marker. Some OpenCV
-    builds decode such a JPEG with only a warning on stderr, giving an image whose lower part
-    is gray; others fail with no reason given. Checking the marker is cheap and explicit.
+    A JPEG or PNG cut short (an interrupted download or copy) lacks its end: a JPEG has no
+    end-of-image marker after its first scan, a PNG no IEND chunk. Bytes after a complete image
+    (a trailer some exporters append, zero padding) are no truncation and are ignored, as every
+    viewer ignores them. OpenCV 5 refuses a cut file without saying why; this says why.
     """
-    # Only the last 64 KiB are looked at, so a large file is not copied; a file whose last
-    # 64 KiB are all padding (a zero-filled, interrupted copy) has no marker and is truncated.
-    tail = data[-65536:].rstrip(_PADDING)[-_TAIL_BYTES:]
-    if data.startswith(_JPEG_SOI) and _JPEG_EOI not in tail:
-        return "is truncated (a JPEG without its end-of-image marker FFD9)"
-    if data.startswith(_PNG_SIGNATURE) and b"IEND" not in tail:
+    if data.startswith(_JPEG_SOI):
+        scan = _jpeg_first_scan(data)
+        # Inside a scan every FF byte is stuffed (FF00), so no FFD9 but the real end marker can
+        # follow the scan's start; an FFD9 before it ends an EXIF thumbnail, not the image.
+        if scan is not None and data.rfind(_JPEG_EOI) < scan:
+            return "is truncated (a JPEG without its end-of-image marker FFD9)"
+    if data.startswith(_PNG_SIGNATURE) and data.rfind(_PNG_IEND) < 0:
         return "is truncated (a PNG without its IEND chunk)"
     return None
+
+
+def _jpeg_first_scan(data: bytes) -> int | None:
+    """Offset of the first start-of-scan marker, found by walking the segments before it (an
+    EXIF segment may hold a whole thumbnail JPEG); the file's length when it ends before one,
+    None when the segments do not parse (the decoder then says what is wrong)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == _JPEG_SOS:
+            return pos
+        elif marker in _JPEG_BARE_MARKERS:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return len(data)
 
 
 def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
@@ -94,6 +142,10 @@ def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
 
 def _decode(path: Path) -> np.ndarray:
     """Read and decode one file to a uint8 array: HxW (gray) or HxWxC (BGR, BGRA, ...)."""
+    from medx.data.dicom import is_dicom_file, read_dicom  # dicom.py imports this module
+
+    if is_dicom_file(path):
+        return read_dicom(path)  # uint8 HxW, by the DICOM pixel pipeline
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -110,7 +162,8 @@ def _decode(path: Path) -> np.ndarray:
     if img is None or img.size == 0:
         raise _bad(
             path,
-            "cannot be decoded: it is not a PNG, JPEG, BMP or TIFF image, or it is corrupt",
+            "cannot be decoded: it is not a PNG, JPEG, BMP, TIFF, WebP or GIF image, or it is "
+            "corrupt",
         )
     return _to_uint8(img, path)
 
@@ -123,15 +176,21 @@ def _channels(img: np.ndarray, path: Path) -> int:
     raise _bad(path, f"has pixel array shape {img.shape}; expected 1 to 4 channels")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode to uint8 RGB HxWx3. 8- or 16-bit; gray, gray+alpha, RGB/BGR or RGBA.
-
-    Gray is repeated into three channels (backbones are pretrained on RGB); alpha is dropped,
-    not blended, because it carries no anatomy. Raises BadImageError naming the file.
-    """
-    path = Path(path)
+def _read(path: Path) -> tuple[np.ndarray, int]:
+    """(decoded uint8 pixels, channels) of an image at least MIN_SIDE px on each side."""
     img = _decode(path)
     channels = _channels(img, path)
+    height, width = img.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise _bad(
+            path,
+            f"is too small ({width}x{height} px): medx reads images of at least "
+            f"{MIN_SIDE}x{MIN_SIDE} px",
+        )
+    return img, channels
+
+
+def _to_rgb(img: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
     if channels == 2:
@@ -141,15 +200,23 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
 
 
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode to uint8 RGB HxWx3. 8- or 16-bit; gray, gray+alpha, RGB/BGR or RGBA.
+
+    Gray is repeated into three channels (backbones are pretrained on RGB); alpha is dropped,
+    not blended, because it carries no anatomy. Raises BadImageError naming the file, also
+    for an image under MIN_SIDE px on a side.
+    """
+    return _to_rgb(*_read(Path(path)))
+
+
 def read_gray(path: str | Path) -> np.ndarray:
     """Decode to uint8 gray HxW, by the same rules as read_image (masks, quality features).
 
     Colour is converted with the usual luma weights. An 8-bit mask keeps its values (0/1 stays
     0/1, 0/255 stays 0/255); a 16-bit one is windowed like any 16-bit image.
     """
-    path = Path(path)
-    img = _decode(path)
-    channels = _channels(img, path)
+    img, channels = _read(Path(path))
     if channels in (1, 2):
         return np.ascontiguousarray(img.reshape(img.shape[0], img.shape[1], -1)[:, :, 0])
     if channels == 3:
@@ -165,8 +232,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     thresholded: a silently wrong mask trains and scores a wrong model.
     """
     path = Path(path)
-    img = _decode(path)
-    channels = _channels(img, path)
+    img, channels = _read(path)
     if channels != 1:
         raise _bad(
             path,
@@ -187,60 +253,171 @@ def read_mask(path: str | Path) -> np.ndarray:
     )
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, skipped: Counter[str] | None = None) -> list[Path]:
     """Image files directly in ``folder`` (not in subfolders), sorted by name.
 
     Suffixes are matched case-insensitively (``.JPG`` counts); hidden files such as macOS
-    ``._x.jpg`` resource forks and ``.DS_Store`` are skipped, as they are not images.
+    ``._x.jpg`` resource forks and ``.DS_Store`` are skipped, as they are not images. DICOM
+    files count, with or without extension (see is_image_file). Anything else that is passed
+    over (a broken symlink, another file type, a subfolder) is logged with its reason, and
+    counted by reason into ``skipped`` when given.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"Image folder {folder} does not exist or is not a folder; check the path.")
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    found: list[Path] = []
+    passed_over: dict[str, list[Path]] = {}
+    for path in folder.iterdir():
+        if is_image_file(path):
+            found.append(path)
+        elif not is_hidden(path):
+            passed_over.setdefault(_skip_reason(path, folders=True), []).append(path)
+    report_skipped(folder, passed_over, len(found), skipped)
+    return sorted(found)
 
 
-def _problem(path: Path) -> BadImageError | None:
+def find_images(folder: Path, skipped: Counter[str] | None = None) -> list[Path]:
+    """Image files anywhere under ``folder``, sorted; hidden folders and ``__MACOSX/`` are not
+    entered. What is passed over is logged and counted as by list_images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder of images; check the path.")
+    found: list[Path] = []
+    passed_over: dict[str, list[Path]] = {}
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not is_hidden(Path(d))]
+        for name in files:
+            path = Path(parent, name)
+            if is_image_file(path):
+                found.append(path)
+            elif not is_hidden(path):
+                passed_over.setdefault(_skip_reason(path, folders=False), []).append(path)
+    report_skipped(folder, passed_over, len(found), skipped)
+    return sorted(found)
+
+
+def is_hidden(path: Path) -> bool:
+    """Dot files and folders (``.DS_Store``, ``._x.jpg``, ``.git``) and ``__MACOSX``: never
+    data, never reported."""
+    return path.name.startswith(".") or path.name in HIDDEN_FOLDERS
+
+
+# Why a file in an image folder is not read; the keys are the MLflow param names.
+SKIP_REASONS = {
+    "broken_symlink": "broken symlink (its target does not exist)",
+    "not_a_file": "not a regular file",
+    "subfolder": "subfolder (images must sit directly in the class folder)",
+    "other_type": "not an image type medx reads (" + ", ".join(IMAGE_SUFFIXES) + ")",
+}
+
+
+def _skip_reason(path: Path, folders: bool) -> str:
+    if path.is_symlink() and not path.exists():
+        return "broken_symlink"
+    if folders and path.is_dir():
+        return "subfolder"
+    if not path.is_file():
+        return "not_a_file"
+    return "other_type"
+
+
+def report_skipped(
+    folder: Path, passed_over: dict[str, list[Path]], kept: int, skipped: Counter[str] | None
+) -> None:
+    """One warning per folder: what was passed over, why, how many, a few names."""
+    if not passed_over:
+        return
+    total = sum(len(paths) for paths in passed_over.values())
+    parts = []
+    for reason, paths in sorted(passed_over.items()):
+        names = ", ".join(sorted(p.name for p in paths)[:3]) + (", ..." if len(paths) > 3 else "")
+        parts.append(f"{len(paths)} {SKIP_REASONS[reason]}: {names}")
+        if skipped is not None:
+            skipped[reason] += len(paths)
+    log.warning("Skipped %d of %d entries in %s: %s", total, total + kept, folder, "; ".join(parts))
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether medx reads ``path`` as an image: a file with an image suffix, or DICOM.
+
+    DICOM also covers files without extension (or named by a UID) that carry the DICM
+    marker; hidden files (``._x.jpg``, ``.DS_Store``) never count.
+    """
+    from medx.data.dicom import is_dicom_file  # dicom.py imports this module
+
+    path = Path(path)
+    if is_hidden(path) or not path.is_file():
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
+
+
+@dataclass
+class CheckedImages:
+    """What one verification pass found: the good files in their order, the digest of each
+    one's pixels (for the duplicate check: no second decode), and the bad files' errors."""
+
+    paths: list[Path] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    bad: list[BadImageError] = field(default_factory=list)
+
+
+def pixel_digest(pixels: np.ndarray) -> bytes:
+    """A 128-bit digest of an array's shape, type and values, for medx.data.duplicates: equal
+    pixels, equal digest, however the files were encoded (BLAKE2b; it releases the GIL)."""
+    digest = hashlib.blake2b(f"{pixels.shape}{pixels.dtype.str}".encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(pixels).data)
+    return digest.digest()
+
+
+def _inspect(path: Path) -> BadImageError | bytes:
+    """The digest of the pixels read_image gives, or the reason it gives none."""
     try:
-        _decode(path)
+        return pixel_digest(read_image(path))
     except BadImageError as exc:
         return exc
-    return None
 
 
-def verify_images(paths: Sequence[Path], skip_bad: bool) -> list[Path]:
+def check_images(paths: Sequence[Path], skip_bad: bool) -> CheckedImages:
     """Decode every file once so that a bad file fails before training, not at epoch 7.
 
-    Runs in a thread pool: cv2 releases the GIL while decoding. ``skip_bad=False`` raises
-    BadImageError for the first bad file in ``paths`` order; ``skip_bad=True`` logs a warning
-    naming each bad file and returns the good ones, in their original order.
+    Runs in a thread pool (cv2 releases the GIL while decoding) with decoder warnings watched:
+    a JPEG that libjpeg calls corrupt is a bad image, though OpenCV returns pixels for it.
+    ``skip_bad=False`` raises BadImageError for the first bad file in ``paths`` order;
+    ``skip_bad=True`` logs a warning naming each bad file and keeps the good ones, in order.
     """
     paths = [Path(p) for p in paths]
     start = time.perf_counter()
-    good: list[Path] = []
-    bad: list[Path] = []
     workers = min(32, (os.cpu_count() or 1) + 4)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medx-verify")
-    try:
-        for path, problem in zip(paths, pool.map(_problem, paths), strict=True):
-            if problem is None:
-                good.append(path)
-            elif not skip_bad:
-                raise problem
-            else:
-                log.warning("Skipping bad image: %s", problem)
-                bad.append(path)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    results, warned = map_watching_decoders(_inspect, paths, workers, "medx-verify")
+    for i, warning in warned.items():
+        results[i] = corrupt_image_error(paths[i], warning)
+    checked = CheckedImages()
+    for path, result in zip(paths, results, strict=True):
+        if isinstance(result, bytes):
+            checked.paths.append(path)
+            checked.digests.append(result)
+        elif not skip_bad:
+            raise result
+        else:
+            log.warning("Skipping bad image: %s", result)
+            checked.bad.append(result)
     elapsed = time.perf_counter() - start
-    if bad:
+    if checked.bad:
         log.warning(
-            "Skipped %d of %d images as bad (data.skip_bad_images=true)", len(bad), len(paths)
+            "Skipped %d of %d images as bad (data.skip_bad_images=true)",
+            len(checked.bad),
+            len(paths),
         )
     log.info(
-        "Verified %d images in %.1f s: %d good, %d bad", len(paths), elapsed, len(good), len(bad)
+        "Verified %d images in %.1f s: %d good, %d bad",
+        len(paths),
+        elapsed,
+        len(checked.paths),
+        len(checked.bad),
     )
-    return good
+    return checked
+
+
+def verify_images(paths: Sequence[Path], skip_bad: bool) -> list[Path]:
+    """The good files of check_images, in their order."""
+    return check_images(paths, skip_bad).paths

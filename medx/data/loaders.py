@@ -1,12 +1,17 @@
-"""Split DataLoaders shared by every data family: the same batching rules everywhere."""
+"""What every data family shares: split DataLoaders with the same batching rules everywhere,
+and where a data module finds its files (data.root, or the generated phantom)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medx.errors import ConfigError
+from medx.data.phantom import PhantomSource
+from medx.errors import ConfigError, DataError
 
 
 class SplitLoaders(L.LightningDataModule):
@@ -15,6 +20,18 @@ class SplitLoaders(L.LightningDataModule):
     name: str
     batch_size: int
     num_workers: int
+    root: Path | None = None
+    download_hint: str = ""
+    layout_hint: ClassVar[str] = "Point data.root at the data folder."
+
+    def resolve_root(self) -> Path:
+        """The directory to read: data.root (the phantom mixin generates its own first)."""
+        if self.root is None or not self.root.is_dir():
+            raise DataError(
+                f"data.root={self.root} does not exist (data={self.name}). "
+                + (self.download_hint or self.layout_hint)
+            )
+        return self.root
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         raise NotImplementedError
@@ -47,3 +64,34 @@ class SplitLoaders(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+
+class PhantomRoot(PhantomSource):
+    """Put first in a folder data module's bases to read the phantom instead of data.root.
+
+    Takes the phantom's own parameters; everything else goes on to the data module, with
+    `phantom_defaults` (the name, the classes, the patient pattern of phantom file names)
+    filled in where the config leaves them out.
+    """
+
+    phantom_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        n_patients: int = 400,
+        images_per_patient: int = 2,
+        size: int = 128,
+        prevalence: float = 0.5,
+        generator_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root=None, **{**self.phantom_defaults, **kwargs})
+        self.use_phantom(
+            cache_dir,
+            n_patients=n_patients,
+            images_per_patient=images_per_patient,
+            size=size,
+            prevalence=prevalence,
+            seed=generator_seed,
+        )

@@ -3,7 +3,8 @@
 The splits are the published ones (`train_images`, `val_images`, `test_images` and their
 `*_labels`), so results compare with the MedMNIST v2 benchmark table; nothing is carved. The
 whole file fits in memory (PneumoniaMNIST at 28 px is 4 MB). When the file is absent it is
-downloaded from Zenodo and its MD5 checked before it is used.
+downloaded from Zenodo and its MD5 checked before it is used. Images repeated across the
+official splits are found as for folder data (`data.duplicates`, medx.data.duplicates).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medx.data.duplicates import check_policy, find_duplicates
 from medx.data.folders import LabelledSplits
+from medx.data.io import pixel_digest
 from medx.data.loaders import SplitLoaders
+from medx.data.splits import SPLITS
 from medx.data.transforms import ImageTransform
 from medx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 ZENODO = "https://zenodo.org/records/10519652/files/{file}?download=1"
 # MD5 of the official files (medmnist's INFO); other sizes are accepted unchecked with a warning.
 KNOWN_MD5 = {
@@ -53,6 +56,9 @@ class ArraySplit:
 
     def counts(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
+
+    def subset(self, index: np.ndarray) -> ArraySplit:
+        return ArraySplit(self.images[index], self.labels[index], self.source)
 
 
 class ArrayDataset(Dataset):
@@ -125,6 +131,7 @@ class MedMNISTDataModule(LabelledSplits, SplitLoaders):
         num_workers: int = 0,
         augment: str = "none",
         seed: int = 0,
+        duplicates: str = "warn",
     ) -> None:
         super().__init__()
         self.flag, self.size = flag, size
@@ -137,9 +144,9 @@ class MedMNISTDataModule(LabelledSplits, SplitLoaders):
         self.name, self.classes = name or flag, list(classes) if classes else None
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.augment, self.seed = augment, seed
-        self.mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # set from the backbone by medx.train
-        self.std: tuple[float, ...] = (0.5, 0.5, 0.5)
+        self.duplicates = check_policy(duplicates)
         self.splits: dict[str, ArraySplit] = {}
+        self.findings: dict[str, dict] = {}
 
     def prepare_data(self) -> None:
         self.resolve_file()
@@ -186,6 +193,7 @@ class MedMNISTDataModule(LabelledSplits, SplitLoaders):
             self.splits[split] = ArraySplit(
                 images, labels[:, 0].astype(np.int64), f"{path.name}:{split}"
             )
+        self._drop_duplicates()
         n = int(max(s.labels.max() for s in self.splits.values())) + 1
         self.classes = self.classes or [str(c) for c in range(n)]
         if len(self.classes) < n:
@@ -205,8 +213,18 @@ class MedMNISTDataModule(LabelledSplits, SplitLoaders):
     def summary(self) -> dict:
         return {**super().summary(), "dataset.file": str(self.path)}
 
-    def _dataset(self, split: str, train: bool) -> Dataset:
-        transform = ImageTransform(
-            self.image_size, self.mean, self.std, self.augment if train else "none"
+    def _drop_duplicates(self) -> None:
+        """Find images repeated across the official splits; drop later copies if asked."""
+        found = find_duplicates(
+            {s: [pixel_digest(image) for image in self.splits[s].images] for s in SPLITS},
+            {s: self.splits[s].paths for s in SPLITS},
+            self.duplicates,
+            self.name,
         )
+        self.findings["dataset.duplicates"] = found.summary()
+        for s in SPLITS if found.dropped else ():
+            self.splits[s] = self.splits[s].subset(found.keep(s, len(self.splits[s].labels)))
+
+    def _dataset(self, split: str, train: bool) -> Dataset:
+        transform = ImageTransform(self.image_size, self.augment if train else "none")
         return ArrayDataset(self.splits[split], transform)

@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 CLASSES = ("NORMAL", "OPACITY")
 # Part of the cache directory name: bump it whenever rendering changes (no stale caches).
 GENERATOR_VERSION = 1
+# Attenuation an opacity must add to a pixel to count in its region (the lungs darken by ~0.3).
+OPACITY_LEVEL = 0.02
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -110,6 +114,20 @@ def render_phantom(
     `anatomy` (from `sample_anatomy`) lets two images of one patient share geometry; `rng` then only
     draws the acquisition (and the slight drift of opacities between visits).
     """
+    image, lungs, _ = render_phantom_regions(rng, size, opacity, anatomy)
+    return image, lungs
+
+
+def render_phantom_regions(
+    rng: np.random.Generator, size: int, opacity: bool, anatomy: dict | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (image, lung mask, opacity mask), the masks uint8 HxW 0/255.
+
+    The image and lung mask are those of `render_phantom` for the same arguments (same random
+    stream). The opacity mask is where the drawn opacities raise the attenuation by at least
+    `OPACITY_LEVEL`, moved with the image: ground truth for where a classifier should look
+    (Grad-CAM tests). It is empty for negatives.
+    """
     a = sample_anatomy(rng) if anatomy is None else anatomy
     s, u = size, rng.uniform
     orng = np.random.default_rng(rng.integers(2**63))  # opacity draws leave acquisition alone
@@ -192,6 +210,9 @@ def render_phantom(
         tex = _smooth_noise(orng, s, int(orng.integers(6, 12)))
         op = np.minimum(op * np.clip(2.2 * tex - 0.4, 0, 1.2), a["lung_dark"] + 0.03)
         att += op * lung_soft  # capped: consolidation is about as dense as soft tissue
+        drawn = op * lung_soft >= OPACITY_LEVEL
+    else:
+        drawn = np.zeros((s, s), bool)
     # Acquisition: geometry, blur, exposure, gamma, heel-effect gradient, noise.
     m = cv2.getRotationMatrix2D((s / 2, s / 2), u(-6, 6), u(0.94, 1.06))
     m[:, 2] += rng.normal(0, 0.03, 2) * s
@@ -202,12 +223,15 @@ def render_phantom(
         flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_REPLICATE,
     )
-    mask = cv2.warpAffine(lung.astype(np.uint8) * 255, m, (s, s), flags=cv2.INTER_NEAREST)
+    mask, region = (
+        cv2.warpAffine(b.astype(np.uint8) * 255, m, (s, s), flags=cv2.INTER_NEAREST)
+        for b in (lung, drawn)
+    )
     lo, hi = u(0.0, 0.15), u(0.7, 1.0)
     heel = 1 + rng.normal(0, 0.08) * (x - 0.5) + rng.normal(0, 0.08) * (y - 0.5)
     img = lo + (hi - lo) * np.clip(att, 0, 1) ** u(0.7, 1.4) * heel
     img += rng.standard_normal((s, s), dtype=np.float32) * u(0.005, 0.03)
-    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), mask
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), mask, region
 
 
 def _check(n_patients: int, images_per_patient: int, size: int, prevalence: float) -> None:
@@ -223,6 +247,44 @@ def _check(n_patients: int, images_per_patient: int, size: int, prevalence: floa
         raise ConfigError(f"phantom prevalence={prevalence} must be within [0, 1]")
 
 
+class PhantomImage(NamedTuple):
+    """One image of a phantom set: its class folder and file name as `write_phantom` writes
+    them, the pixels, the lung mask and the opacity mask (uint8 HxW, masks 0/255)."""
+
+    label: str
+    name: str
+    image: np.ndarray
+    lungs: np.ndarray
+    opacity: np.ndarray
+
+
+def phantom_images(
+    n_patients: int = 400,
+    images_per_patient: int = 2,
+    size: int = 128,
+    prevalence: float = 0.5,
+    seed: int = 0,
+) -> Iterator[PhantomImage]:
+    """Every image of the phantom set with these parameters, in patient order.
+
+    What `write_phantom` writes, plus each image's opacity mask (not stored in the cache): a
+    test can get where the opacities of a cached image are by iterating with the same
+    parameters. Each patient gets its own generator seeded by (seed, pid).
+    """
+    _check(n_patients, images_per_patient, size, prevalence)
+    positive = np.zeros(n_patients, bool)
+    positive[
+        np.random.default_rng(seed).permutation(n_patients)[: round(prevalence * n_patients)]
+    ] = 1
+    for pid in range(n_patients):
+        rng = np.random.default_rng([seed, pid])
+        anatomy = sample_anatomy(rng)
+        for k in range(images_per_patient):
+            image, lungs, opacity = render_phantom_regions(rng, size, bool(positive[pid]), anatomy)
+            label = CLASSES[int(positive[pid])]
+            yield PhantomImage(label, f"patient{pid:04d}_{k}.png", image, lungs, opacity)
+
+
 def write_phantom(
     root: Path,
     n_patients: int = 400,
@@ -234,29 +296,20 @@ def write_phantom(
     """Write root/{NORMAL,OPACITY}/patientNNNN_K.png and root/masks/patientNNNN_K.png (same stem).
 
     Each patient gets its own generator seeded by (seed, pid), so a patient's images do not depend
-    on how many patients come before it.
+    on how many patients come before it (see `phantom_images`).
     """
     _check(n_patients, images_per_patient, size, prevalence)
     root = Path(root)
     for sub in (*CLASSES, "masks"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    positive = np.zeros(n_patients, bool)
-    positive[
-        np.random.default_rng(seed).permutation(n_patients)[: round(prevalence * n_patients)]
-    ] = 1
     start = time.perf_counter()
-    for pid in range(n_patients):
-        rng = np.random.default_rng([seed, pid])
-        anatomy = sample_anatomy(rng)
-        for k in range(images_per_patient):
-            image, mask = render_phantom(rng, size, bool(positive[pid]), anatomy)
-            name = f"patient{pid:04d}_{k}.png"
-            for path, arr in (
-                (root / CLASSES[int(positive[pid])] / name, image),
-                (root / "masks" / name, mask),
-            ):
-                if not cv2.imwrite(str(path), arr):
-                    raise DataError(f"could not write {path}; check that the disk is writable")
+    for item in phantom_images(n_patients, images_per_patient, size, prevalence, seed):
+        for path, arr in (
+            (root / item.label / item.name, item.image),
+            (root / "masks" / item.name, item.lungs),
+        ):
+            if not cv2.imwrite(str(path), arr):
+                raise DataError(f"could not write {path}; check that the disk is writable")
     logger.info(
         "wrote %d phantom images to %s in %.1f s",
         n_patients * images_per_patient,

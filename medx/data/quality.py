@@ -24,14 +24,16 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from medx.data.folders import SPLITS, PhantomDataModule, Samples
+from medx.data.folders import PhantomDataModule, Samples
 from medx.data.io import read_gray
+from medx.data.splits import SPLITS
 from medx.data.transforms import ImageTransform
 from medx.errors import ConfigError, DataError
 from medx.quality.degradations import DEGRADATIONS, check_degradations, degrade
@@ -102,6 +104,12 @@ class QualityImageDataset(Dataset):
 class QualityDataModule(PhantomDataModule):
     """Good vs degraded images from the phantom (default) or `source_root`."""
 
+    phantom_defaults: ClassVar[dict[str, Any]] = {
+        **PhantomDataModule.phantom_defaults,
+        "name": "quality",
+        "augment": "none",  # photometric jitter would itself change image quality
+    }
+
     def __init__(
         self,
         cache_dir: str | Path,
@@ -114,8 +122,6 @@ class QualityDataModule(PhantomDataModule):
         train_repeats: int = 1,
         **kwargs,
     ) -> None:
-        kwargs.setdefault("name", "quality")
-        kwargs.setdefault("augment", "none")
         if source_root:  # class names come from its folders, not the phantom's
             kwargs.setdefault("classes", None)
         super().__init__(cache_dir=cache_dir, **kwargs)
@@ -261,12 +267,12 @@ class QualityDataModule(PhantomDataModule):
 
     def eval_transform(self) -> ImageTransform:
         """Gray-as-RGB uint8 image → the CNN's input tensor, as for val/test (and scoring)."""
-        return ImageTransform(self.image_size, self.mean, self.std, "none")
+        return ImageTransform(self.image_size, "none")
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         if not train:
             return QualityImageDataset(self.splits[split], self.eval_transform())
-        transform = ImageTransform(self.image_size, self.mean, self.std, self.augment)
+        transform = ImageTransform(self.image_size, self.augment)
         return QualityImageDataset(
             self.splits[split], transform, self.train_crop, self.train_repeats
         )

@@ -17,26 +17,34 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medx.data.io import BadImageError, list_images, read_image, read_mask
-from medx.data.loaders import SplitLoaders
+from medx.data.decoder_warnings import map_watching_decoders
+from medx.data.duplicates import check_policy, find_duplicates
+from medx.data.io import (
+    BadImageError,
+    corrupt_image_error,
+    list_images,
+    pixel_digest,
+    read_image,
+    read_mask,
+)
+from medx.data.loaders import PhantomRoot, SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
-from medx.data.phantom import PhantomSource
-from medx.data.splits import patient_ids, split_by_patient
+from medx.data.splits import SPLITS, patient_ids, split_by_patient
 from medx.data.transforms import SegmentationTransform
 from medx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 STRIDE = 32  # smp encoders downsample five times: sides must be multiples of 32
 
 
@@ -56,10 +64,12 @@ class Pairs:
         )
 
 
-def find_masks(images: list[Path], mask_dir: Path, skip_missing: bool) -> Pairs:
+def find_masks(
+    images: list[Path], mask_dir: Path, skip_missing: bool, skipped: Counter[str] | None = None
+) -> Pairs:
     """Pair each image with the mask of the same stem in `mask_dir`."""
     by_stem: dict[str, list[Path]] = {}
-    for path in list_images(mask_dir):
+    for path in list_images(mask_dir, skipped):
         by_stem.setdefault(path.stem, []).append(path)
     pairs = Pairs()
     for image in images:
@@ -85,8 +95,9 @@ def find_masks(images: list[Path], mask_dir: Path, skip_missing: bool) -> Pairs:
     return pairs
 
 
-def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, check and resize one pair: (size x size x 3 uint8, size x size {0,1} uint8).
+def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """Decode, check and resize one pair: (size x size x 3 uint8, size x size {0,1} uint8,
+    the digest of the full-size image's pixels).
 
     The mask is resized as a coverage fraction (area interpolation) and thresholded at one
     half, so that a 3,000 px mask shrunk to 256 px keeps its outline rather than a nearest-
@@ -101,9 +112,10 @@ def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray,
             "Fix the mask, or set data.skip_bad_images=true to skip the pair.",
             mask_path,
         )
+    digest = pixel_digest(image)
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     cover = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return image, (cover >= 0.5).astype(np.uint8)
+    return image, (cover >= 0.5).astype(np.uint8), digest
 
 
 class SegmentationDataset(Dataset):
@@ -126,6 +138,7 @@ class SegmentationDataModule(SplitLoaders):
     """Image/mask pairs; splits grouped by patient (metadata.csv or `patient_pattern`)."""
 
     task = "segmentation"
+    layout_hint = "Point data.root at a folder with images/ and masks/."
 
     def __init__(
         self,
@@ -142,6 +155,7 @@ class SegmentationDataModule(SplitLoaders):
         skip_bad_images: bool = False,
         seed: int = 0,
         download_hint: str = "",
+        duplicates: str = "warn",
     ) -> None:
         super().__init__()
         if image_size % STRIDE:
@@ -157,17 +171,20 @@ class SegmentationDataModule(SplitLoaders):
         self.metadata, self.patient_pattern = metadata, patient_pattern
         self.augment, self.skip_bad_images, self.seed = augment, skip_bad_images, seed
         self.download_hint = download_hint
-        self.mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # set from the model by medx.train
-        self.std: tuple[float, ...] = (0.5, 0.5, 0.5)
+        self.duplicates = check_policy(duplicates)
         self.splits: dict[str, Pairs] = {}
         self.arrays: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.digests: dict[Path, bytes] = {}  # pixel digest of every image that loaded
+        self.skipped: Counter[str] = Counter()  # files passed over, by reason
+        self.findings: dict[str, dict] = {}
 
     def model_kwargs(self) -> dict:
         """The model records the input size, so a checkpoint can predict on its own."""
         return {"image_size": self.image_size}
 
     def summary(self) -> dict:
-        """Logged to MLflow: images, patients and lung-pixel fraction per split."""
+        """Logged to MLflow: images, patients and lung-pixel fraction per split, and what the
+        checks found (duplicates, skipped files)."""
         self.setup()
         return {
             "dataset.counts": {
@@ -177,17 +194,9 @@ class SegmentationDataModule(SplitLoaders):
                     "mask_fraction": round(_mask_fraction(self.arrays[s][1]), 4),
                 }
                 for s in SPLITS
-            }
+            },
+            **self.findings,
         }
-
-    def resolve_root(self) -> Path:
-        """The directory to read; the phantom subclass generates it first."""
-        if self.root is None or not self.root.is_dir():
-            raise DataError(
-                f"data.root={self.root} does not exist (data={self.name}). "
-                + (self.download_hint or "Point data.root at a folder with images/ and masks/.")
-            )
-        return self.root
 
     def pool_dirs(self, root: Path) -> tuple[list[Path], Path]:
         """(image folders, mask folder) of one split or of the pool."""
@@ -209,6 +218,9 @@ class SegmentationDataModule(SplitLoaders):
             splits.update({s: pool.subset(idx) for s, idx in parts.items()})
         self.arrays = {s: self._load(splits[s]) for s in SPLITS}
         self.splits = splits
+        self._drop_duplicates(root)
+        if self.skipped:
+            self.findings["dataset.skipped"] = dict(sorted(self.skipped.items()))
         for s in SPLITS:
             log.info(
                 "%s %-5s %4d images, %4d patients",
@@ -226,13 +238,13 @@ class SegmentationDataModule(SplitLoaders):
                     f"{folder} is missing: data={self.name} expects images/ and masks/ "
                     f"(same file stems) in {split_root}."
                 )
-        images = [p for d in image_dirs for p in list_images(d)]
+        images = [p for d in image_dirs for p in list_images(d, self.skipped)]
         if not images:
             raise DataError(
                 f"{', '.join(map(str, image_dirs))} holds no images (.png/.jpg/.jpeg/...): add "
                 "images or point data.root elsewhere."
             )
-        pairs = find_masks(images, mask_dir, skip_missing=self.skip_bad_images)
+        pairs = find_masks(images, mask_dir, self.skip_bad_images, self.skipped)
         pairs.patients = self._patients(split_root, pairs.images)
         return pairs
 
@@ -254,59 +266,68 @@ class SegmentationDataModule(SplitLoaders):
         return [table.get(p.name, f"file:{p.stem}") for p in images]
 
     def _load(self, pairs: Pairs) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Decode and check every pair (threads: cv2 releases the GIL); drop bad ones if asked."""
+        """Decode and check every pair (threads: cv2 releases the GIL), decoder warnings
+        watched as in medx.data.io.check_images; drop bad pairs if asked."""
         workers = min(8, (os.cpu_count() or 1) + 2)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medx-masks") as pool:
-            results = list(pool.map(self._try_load, pairs.images, pairs.masks))
+        items = list(zip(pairs.images, pairs.masks, strict=True))
+        results, warned = map_watching_decoders(self._try_load, items, workers, "medx-masks")
+        for i, warning in warned.items():
+            image, mask = items[i]
+            jpeg_mask = mask.suffix.lower() in (".jpg", ".jpeg") and image.suffix.lower() == ".png"
+            results[i] = corrupt_image_error(mask if jpeg_mask else image, warning)
         keep = [i for i, r in enumerate(results) if not isinstance(r, BadImageError)]
         for result in results:
             if isinstance(result, BadImageError):
                 if not self.skip_bad_images:
                     raise result
                 log.warning("Skipping bad pair: %s", result)
+                self.skipped["bad_image"] += 1
         kept = pairs.subset(np.asarray(keep, dtype=int))
         pairs.images, pairs.masks, pairs.patients = kept.images, kept.masks, kept.patients
+        self.digests.update((pairs.images[k], results[i][2]) for k, i in enumerate(keep))
         return [results[i][0] for i in keep], [results[i][1] for i in keep]
 
-    def _try_load(self, image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray] | BadImageError:
+    def _try_load(
+        self, pair: tuple[Path, Path]
+    ) -> tuple[np.ndarray, np.ndarray, bytes] | BadImageError:
         try:
-            return load_pair(image, mask, self.image_size)
+            return load_pair(*pair, self.image_size)
         except BadImageError as err:
             return err
 
+    def _drop_duplicates(self, root: Path) -> None:
+        """Find images repeated across the splits; drop later copies if asked."""
+
+        def name(path: Path) -> str:
+            return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+        images = {s: self.splits[s].images for s in SPLITS}
+        found = find_duplicates(
+            {s: [self.digests[p] for p in images[s]] for s in SPLITS},
+            {s: [name(p) for p in images[s]] for s in SPLITS},
+            self.duplicates,
+            self.name,
+        )
+        self.findings["dataset.duplicates"] = found.summary()
+        for s in SPLITS if found.dropped else ():
+            keep = found.keep(s, len(images[s]))
+            self.splits[s] = self.splits[s].subset(keep)
+            self.arrays[s] = tuple([part[i] for i in keep] for part in self.arrays[s])
+
     def _dataset(self, split: str, train: bool) -> Dataset:
         self.setup()
-        transform = SegmentationTransform(
-            self.image_size, self.mean, self.std, self.augment if train else "none"
-        )
+        transform = SegmentationTransform(self.image_size, self.augment if train else "none")
         return SegmentationDataset(*self.arrays[split], transform)
 
 
-class PhantomSegDataModule(PhantomSource, SegmentationDataModule):
+class PhantomSegDataModule(PhantomRoot, SegmentationDataModule):
     """The embedded default: the phantom's lung masks, generated once into `cache_dir`."""
 
-    def __init__(
-        self,
-        cache_dir: str | Path,
-        n_patients: int = 400,
-        images_per_patient: int = 2,
-        size: int = 128,
-        prevalence: float = 0.5,
-        generator_seed: int = 0,
-        **kwargs,
-    ) -> None:
-        kwargs.setdefault("name", "phantom_seg")
-        kwargs.setdefault("patient_pattern", r"patient(\d+)_")
-        kwargs.setdefault("metadata", None)
-        super().__init__(root=None, **kwargs)
-        self.use_phantom(
-            cache_dir,
-            n_patients=n_patients,
-            images_per_patient=images_per_patient,
-            size=size,
-            prevalence=prevalence,
-            seed=generator_seed,
-        )
+    phantom_defaults: ClassVar[dict[str, Any]] = {
+        "name": "phantom_seg",
+        "patient_pattern": r"patient(\d+)_",
+        "metadata": None,
+    }
 
     def pool_dirs(self, root: Path) -> tuple[list[Path], Path]:
         return [root / c for c in PHANTOM_CLASSES], root / "masks"
@@ -317,7 +338,7 @@ def _read_metadata(root: Path, name: str | None) -> dict[str, str] | None:
     if not name or not (root / name).is_file():
         return None
     path = root / name
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no part of "image"
         rows = list(csv.DictReader(f))
     if not rows or not {"image", "patient_id"} <= set(rows[0]):
         raise DataError(

@@ -24,6 +24,8 @@ from medx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("train", "val", "test")  # every data module's split names, in this order
+
 # Kermany chest X-rays (see $MEDX_DATA/README.md): personN_bacteria_M / personN_virus_M are
 # patient N; IM-XXXX-YYYY and NORMAL2-IM-XXXX-YYYY (also IM-XXXX-YYYY-ZZZZ) are patient XXXX.
 #
@@ -60,12 +62,28 @@ def patient_id(path: Path, pattern: str | None) -> str:
 
 
 def patient_ids(paths: Iterable[Path], pattern: str | None) -> list[str]:
-    """patient_id() for many files; warns once if names match no pattern (silent leak risk)."""
+    """patient_id() for many files; warns once if names match no pattern (silent leak risk).
+
+    A DICOM file's own PatientID, when it has one, wins over its name.
+    """
+    from medx.data.dicom import dicom_patient_id, is_dicom_file  # dicom -> io -> ... -> splits
+
     paths = [Path(p) for p in paths]
-    ids = [patient_id(p, pattern) for p in paths]
+    from_dicom = [dicom_patient_id(p) if is_dicom_file(p) else None for p in paths]
+    if any(from_dicom):
+        log.info(
+            "%d of %d images take their patient from the DICOM PatientID",
+            sum(map(bool, from_dicom)),
+            len(paths),
+        )
+    ids = [d or patient_id(p, pattern) for p, d in zip(paths, from_dicom, strict=True)]
     if pattern is not None:
         regex = _compile(pattern)
-        unmatched = [p.name for p in paths if not regex.search(p.name)]
+        unmatched = [
+            p.name
+            for p, d in zip(paths, from_dicom, strict=True)
+            if not d and not regex.search(p.name)
+        ]
         if unmatched:
             log.warning(
                 "%d of %d file names do not match the patient pattern %r, so each of them is "
@@ -141,8 +159,22 @@ def _fold_plan(share: float) -> tuple[int, int]:
     return m, k
 
 
+def _class_name(classes: np.ndarray, code: int, names: Sequence[str] | None) -> str:
+    """A label code's class name when the caller gave names (labels index them), else the label."""
+    label = classes.tolist()[code]
+    if names is not None and isinstance(label, int) and 0 <= label < len(names):
+        return str(names[label])
+    return str(label)
+
+
 def _check_enough_patients(
-    what: str, y: np.ndarray, g: np.ndarray, classes: np.ndarray, k: int, per_class: int
+    what: str,
+    y: np.ndarray,
+    g: np.ndarray,
+    classes: np.ndarray,
+    k: int,
+    per_class: int,
+    names: Sequence[str] | None,
 ) -> None:
     """ConfigError unless there are >= k patients and >= per_class patients of each class."""
     n_groups = len(np.unique(g))
@@ -157,7 +189,8 @@ def _check_enough_patients(
         if n_cls < per_class:
             raise ConfigError(
                 f"{what} needs at least {per_class} patients of every class, but class "
-                f"{classes.tolist()[cls]!r} has only {n_cls} in a pool of {n_groups} patients, "
+                f"{_class_name(classes, cls, names)} has only {n_cls} in a pool of {n_groups} "
+                "patients, "
                 f"so some split would get none of them. Use fewer or larger splits, fewer folds, "
                 f"merge rare classes, or add data."
             )
@@ -173,7 +206,11 @@ def _group_folds(y: np.ndarray, g: np.ndarray, k: int, seed: int) -> list[np.nda
 
 
 def split_by_patient(
-    labels: Sequence[int], groups: Sequence[str], fractions: Mapping[str, float], seed: int
+    labels: Sequence[int],
+    groups: Sequence[str],
+    fractions: Mapping[str, float],
+    seed: int,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Carve named splits (e.g. {"val": .1, "test": .1}) out of one pool; the rest is "train".
 
@@ -181,7 +218,8 @@ def split_by_patient(
     StratifiedGroupKFold: each split is m of k folds of what is still left. Splits are carved
     in sorted name order, so the result depends only on the data, the fractions and the seed
     (not on the order of the images or of the keys). Returns sorted index arrays into
-    ``labels``; a fraction of 0 gives an empty array.
+    ``labels``; a fraction of 0 gives an empty array. ``class_names[label]`` names a class in
+    messages (NORMAL rather than 0).
     """
     _check_fractions(fractions)
     _check_seed(seed)
@@ -197,7 +235,7 @@ def split_by_patient(
         m, k = _fold_plan(frac / remaining_share)
         what = f"Split {name}={frac:g}"
         per_class = math.ceil(k / min(m, k - m))
-        _check_enough_patients(what, y[remaining], g[remaining], classes, k, per_class)
+        _check_enough_patients(what, y[remaining], g[remaining], classes, k, per_class, class_names)
         folds = _group_folds(y[remaining], g[remaining], k, seed)
         taken = np.zeros(len(remaining), dtype=bool)
         for fold in folds[:m]:
@@ -206,16 +244,22 @@ def split_by_patient(
         remaining = remaining[~taken]
         remaining_share -= frac
     splits["train"] = np.sort(remaining).astype(np.int64)
-    _log_splits(splits, y, g, classes)
+    _log_splits(splits, y, g, classes, class_names)
     return {"train": splits.pop("train"), **splits}
 
 
 def kfold_by_patient(
-    labels: Sequence[int], groups: Sequence[str], n_folds: int, fold: int, seed: int
+    labels: Sequence[int],
+    groups: Sequence[str],
+    n_folds: int,
+    fold: int,
+    seed: int,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx) of fold ``fold`` of a patient-grouped, stratified k-fold.
 
     Every patient is in exactly one validation fold; the folds together cover the pool.
+    ``class_names`` as for split_by_patient.
     """
     if n_folds < 2:
         raise ConfigError(f"n_folds must be at least 2, got {n_folds}")
@@ -223,15 +267,21 @@ def kfold_by_patient(
         raise ConfigError(f"fold must be in [0, {n_folds - 1}] for n_folds={n_folds}, got {fold}")
     _check_seed(seed)
     y, g, classes = _encode(labels, groups)
-    _check_enough_patients(f"{n_folds}-fold cross-validation", y, g, classes, n_folds, n_folds)
+    what = f"{n_folds}-fold cross-validation"
+    _check_enough_patients(what, y, g, classes, n_folds, n_folds, class_names)
     val = np.sort(_group_folds(y, g, n_folds, seed)[fold]).astype(np.int64)
     train = np.setdiff1d(np.arange(len(y)), val).astype(np.int64)
     return train, val
 
 
 def _log_splits(
-    splits: Mapping[str, np.ndarray], y: np.ndarray, g: np.ndarray, classes: np.ndarray
+    splits: Mapping[str, np.ndarray],
+    y: np.ndarray,
+    g: np.ndarray,
+    classes: np.ndarray,
+    names: Sequence[str] | None,
 ) -> None:
+    shown = [_class_name(classes, code, names) for code in range(len(classes))]
     for name, idx in splits.items():
         counts = np.bincount(y[idx], minlength=len(classes))
         log.info(
@@ -239,5 +289,5 @@ def _log_splits(
             name,
             len(idx),
             len(np.unique(g[idx])),
-            dict(zip(classes.tolist(), counts.tolist(), strict=True)),
+            dict(zip(shown, counts.tolist(), strict=True)),
         )

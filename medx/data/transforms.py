@@ -7,8 +7,6 @@ and acquisition differences.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 from torchvision import tv_tensors
@@ -38,17 +36,15 @@ def _augmentations(preset: str, size: int) -> list[v2.Transform]:
 
 
 class ImageTransform:
-    """From an HxWx3 uint8 array to a normalised CxHxW float tensor (picklable for workers)."""
+    """From an HxWx3 uint8 array to a CxHxW float tensor in [0, 1] (picklable for workers).
 
-    def __init__(
-        self, size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"
-    ) -> None:
+    No normalisation here: the model owns its input (its `forward` normalises), so a data
+    module, `medx.predict` and a served model feed it the same [0, 1] pixels.
+    """
+
+    def __init__(self, size: int, augment: str = "none") -> None:
         self.steps = v2.Compose(
-            [
-                *_augmentations(augment, size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(mean), std=list(std)),
-            ]
+            [*_augmentations(augment, size), v2.ToDtype(torch.float32, scale=True)]
         )
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
@@ -60,22 +56,17 @@ class SegmentationTransform:
 
     The mask travels as a `tv_tensors.Mask`, so torchvision applies every crop, rotation and
     resize to it with nearest-neighbour sampling and leaves it out of colour changes and
-    normalisation: image and mask cannot drift apart.
+    scaling: image and mask cannot drift apart.
     """
 
-    def __init__(
-        self, size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"
-    ) -> None:
+    def __init__(self, size: int, augment: str = "none") -> None:
+        # ToDtype scales images only; the mask stays integer
         self.steps = v2.Compose(
-            [
-                *_augmentations(augment, size),
-                v2.ToDtype(torch.float32, scale=True),  # images only; the mask stays integer
-                v2.Normalize(mean=list(mean), std=list(std)),
-            ]
+            [*_augmentations(augment, size), v2.ToDtype(torch.float32, scale=True)]
         )
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """HxWx3 uint8 image, HxW {0,1} mask → normalised 3xSxS float, 1xSxS float {0,1}."""
+        """HxWx3 uint8 image, HxW {0,1} mask → 3xSxS float in [0, 1], 1xSxS float {0,1}."""
         img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         msk = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask))[None])
         img, msk = self.steps(img, msk)

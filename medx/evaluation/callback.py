@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from medx import tracking
 from medx.errors import ConfigError
 from medx.evaluation import calibration, metrics, plots
+from medx.models.load import update_card
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def check_settings(target_sensitivity: float, calibrate: str | None) -> str | No
     return calibrate
 
 
-def evaluate(
+def clinical_report(
     val: Predictions,
     test: Predictions,
     out_dir: Path,
@@ -261,7 +262,7 @@ class ClinicalEvaluation(Callback):
         describe = getattr(dm, "describe_samples", None)
         test_columns = describe("test") if describe is not None else None
         out_dir = Path(trainer.default_root_dir) / ARTIFACT_DIR
-        found, files = evaluate(
+        found, files = clinical_report(
             val,
             test,
             out_dir,
@@ -286,8 +287,34 @@ class ClinicalEvaluation(Callback):
             for path in files:
                 logger.experiment.log_artifact(logger.run_id, str(path), ARTIFACT_DIR)
         self.metrics = found
+        _remember_choices(trainer, pl_module, found, self.target_sensitivity)
         lines = [f"{k} {v:.4f}" for k, v in sorted(found.items()) if math.isfinite(v)]
         log.info("Clinical evaluation in %s\n  %s", out_dir, "\n  ".join(lines))
+
+
+def _remember_choices(
+    trainer: L.Trainer, module: L.LightningModule, found: dict[str, float], target: float
+) -> None:
+    """The operating point and temperature chosen on validation go into the model card, and
+    into the tested checkpoint file (the one the run selected), so the model carries them."""
+    choices = {}
+    if "test/threshold_at_op" in found:
+        choices["operating_point"] = {
+            "threshold": found["test/threshold_at_op"],
+            "target_sensitivity": float(target),
+            "chosen_on": "val",
+            "tta": False,
+        }
+    if "test/temperature" in found:
+        choices["calibration"] = {"temperature": found["test/temperature"], "fitted_on": "val"}
+    card = getattr(module, "card", None)
+    if not choices or card is None:
+        return
+    card.update(choices)
+    tested = trainer.ckpt_path
+    if tested and Path(tested).is_file():
+        update_card(tested, **choices)
+        log.info("Operating point and temperature written into %s", tested)
 
 
 @torch.inference_mode()

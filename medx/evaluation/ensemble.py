@@ -14,35 +14,21 @@ import lightning as L
 import torch
 from torch import nn
 
-from medx.models.classifier import ClassifierSteps, classification_metrics
-
-TEST_METRICS = ["acc", "auroc", "f1", "sensitivity", "specificity"]
+from medx.models.classifier import TEST_METRICS, ClassifierSteps, classification_metrics
 
 
 class Ensemble(ClassifierSteps, L.LightningModule):
-    """Test-only module over trained members; inputs arrive normalised for the first member."""
+    """Test-only module over trained members; inputs are [0, 1] images."""
 
     task = "classification"
 
     def __init__(self, members: Sequence[L.LightningModule], num_classes: int) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.mean, self.std = members[0].mean, members[0].std  # what the data module applies
         self.criterion = nn.NLLLoss()  # on the log mean probability: the ensemble's NLL
         self.test_metrics = classification_metrics(num_classes, TEST_METRICS, "test/")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = [torch.softmax(m(self._inputs_for(m, x)).float(), dim=1) for m in self.members]
+        """Each member normalises the [0, 1] images its own way (ImageNet's or 0.5/0.5)."""
+        probs = [torch.softmax(m(x).float(), dim=1) for m in self.members]
         return torch.stack(probs).mean(0).clamp_min(1e-12).log()
-
-    def _inputs_for(self, member: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
-        """Images re-normalised for a member trained with another mean/std (e.g. ImageNet's)."""
-        same = (tuple(member.mean), tuple(member.std)) == (tuple(self.mean), tuple(self.std))
-        if x.ndim != 4 or same:
-            return x
-
-        def channels(values: Sequence[float]) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-
-        pixels = x * channels(self.std) + channels(self.mean)
-        return (pixels - channels(member.mean)) / channels(member.std)

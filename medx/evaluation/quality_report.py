@@ -1,23 +1,57 @@
 """Quality-baseline reports: why the linear model decides as it does.
 
-Files (logged as MLflow artifacts by the model): a coefficient plot and the per-class
-distribution of every feature on the test split. The confusion matrix and the classification
+`QualityReport`, a Lightning Callback, writes them after testing a `QualityBaseline` (binary
+tasks), into `<default_root_dir>/quality_report/`, and logs them as MLflow artifacts (at the
+run's top level): a coefficient plot and the per-class distribution of every feature on the
+test split. The confusion matrix and the classification
 report in scikit-learn's text layout (what the seed project printed) come from the clinical
 evaluation, as for every classifier, under `evaluation/`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 import numpy as np
+from lightning.pytorch.callbacks import Callback
 
+from medx import tracking
+from medx.models.quality import QualityBaseline
 from medx.quality.features import LOG_FEATURES
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "quality_report"  # in the run's output folder
+
+
+class QualityReport(Callback):
+    """After `trainer.test` of a binary `QualityBaseline`: its coefficient and feature
+    distribution figures; does nothing for other modules."""
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not isinstance(pl_module, QualityBaseline):
+            return
+        if pl_module.test_features is None or pl_module.hparams.num_classes != 2:
+            return
+        features, labels = pl_module.test_features
+        out_dir = Path(trainer.default_root_dir or ".") / REPORT_DIR
+        paths = write_reports(
+            out_dir,
+            labels,
+            features,
+            pl_module.feature_names,
+            pl_module.coefficients(),
+            list(pl_module.hparams.class_names),
+        )
+        tracking.log_artifacts(trainer.loggers, paths)
+        log.info("Quality reports in %s", out_dir)
 
 
 def write_reports(

@@ -56,12 +56,15 @@ def create_backbone(
     drop_rate: float = 0.0,
     head_hidden: int | None = None,
     small_input: bool = False,
+    pretrained_url: str | None = None,
 ) -> Network:
     """Build `name` with a fresh `num_classes` head; ImageNet or local weights optional.
 
     `head_hidden=512` makes the head dropout → linear(512) → ReLU → dropout → linear (the
     seed projects' Keras head); `small_input` gives ResNets a 3×3 stride-1 stem without
     max-pooling, so 28 px inputs (MedMNIST) keep a 4×4 map at the last stage instead of 1×1.
+    `pretrained_url`: where ImageNet weights come from instead of timm's hub (a mirror, a
+    file server inside a hospital network).
     """
     arch = _timm_name(name)
     if pretrained and weights:
@@ -69,7 +72,9 @@ def create_backbone(
             "Set either model.pretrained=true (download ImageNet weights) or "
             "model.weights=/path/to/file (local weights), not both."
         )
-    model = _create(arch, num_classes, pretrained, 0.0 if head_hidden else drop_rate)
+    model = _create(
+        arch, num_classes, pretrained, 0.0 if head_hidden else drop_rate, pretrained_url
+    )
     if weights:
         load_weights(model, Path(weights))
     if small_input:
@@ -100,10 +105,13 @@ def _timm_name(name: str) -> str:
     )
 
 
-def _create(arch: str, num_classes: int, pretrained: bool, drop_rate: float) -> nn.Module:
+def _create(
+    arch: str, num_classes: int, pretrained: bool, drop_rate: float, url: str | None = None
+) -> nn.Module:
+    overlay = {"pretrained_cfg_overlay": {"url": url, "hf_hub_id": None}} if url else {}
     try:
         return timm.create_model(
-            arch, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate
+            arch, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **overlay
         )
     except (OSError, RuntimeError) as err:  # huggingface_hub raises OSError subclasses offline
         if not pretrained:

@@ -1,14 +1,22 @@
-"""What every medx LightningModule shares: a network whose encoder blocks a strategy freezes.
+"""What every medx LightningModule shares.
 
-Classification and segmentation differ in their networks, losses and metrics, but freezing,
-per-group learning rates, keeping frozen BatchNorm in eval mode and building the optimizer and
-scheduler are one mechanism, kept here once.
+`MedxModule`: the model owns its input and carries its card. Normalisation (ImageNet's or
+0.5/0.5, chosen by how the network started) is a buffer applied at the start of `forward`, so
+data modules, `medx.predict` and a served model all feed it [0, 1] pixels; the model card
+(`card`, saved as `checkpoint["medx"]`) holds what using the model needs: task, class names,
+input contract, the training run, and once evaluated its operating point and temperature.
+
+`TransferModule`: a network whose encoder blocks a strategy freezes. Classification and
+segmentation differ in their networks, losses and metrics, but freezing, per-group learning
+rates, keeping frozen BatchNorm in eval mode and building the optimizer and scheduler are one
+mechanism, kept here once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import asdict
 from typing import Any
 
@@ -25,7 +33,50 @@ Optimizer = Callable[..., torch.optim.Optimizer]
 Scheduler = Callable[[torch.optim.Optimizer], Any]
 
 
-class TransferModule(L.LightningModule):
+CARD_KEY = "medx"  # where a checkpoint keeps the model card
+CARD_FORMAT = 1
+
+
+class MedxModule(L.LightningModule):
+    """Base of every medx model: input normalisation inside the model, a model card."""
+
+    task: str
+    inputs = "image"  # what batches carry: "image", or "features" (the quality baseline)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.card: dict[str, Any] = {}
+
+    def use_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Buffers (saved with the weights) that `normalise` applies to [0, 1] images."""
+        self.register_buffer("input_mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
+        self.register_buffer("input_std", torch.tensor(list(std)).view(1, -1, 1, 1))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images → the network's input scale."""
+        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.input_mean.flatten().tolist())
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.input_std.flatten().tolist())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        card = deepcopy(self.card)
+        card.update(format=CARD_FORMAT, task=self.task, inputs=self.inputs)
+        card["module"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.inputs == "image":
+            card.setdefault("input", {}).update(mean=list(self.mean), std=list(self.std))
+        checkpoint[CARD_KEY] = card
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.card = deepcopy(checkpoint.get(CARD_KEY) or {})
+
+
+class TransferModule(MedxModule):
     """Base class: call `use_strategy` once the network exists; subclasses own `self.net`."""
 
     net: nn.Module

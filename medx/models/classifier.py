@@ -12,9 +12,9 @@ from torch import nn
 from torchmetrics import AUROC, Accuracy, F1Score, MetricCollection, Recall, Specificity
 
 from medx.models.backbones import create_backbone
+from medx.models.base import Optimizer, Scheduler, TransferModule
 from medx.models.losses import ClassLoss, LossFactory, build_loss, class_logits, loss_spec
 from medx.models.strategy import Strategy
-from medx.models.base import Optimizer, Scheduler, TransferModule
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class ClassificationModule(ClassifierSteps, TransferModule):
         drop_rate: float = 0.0,
         head_hidden: int | None = None,
         small_input: bool = False,
+        pretrained_url: str | None = None,
         class_weights: bool = False,
         class_counts: Sequence[int] | None = None,
         strategy: Strategy | dict | None = None,
@@ -126,20 +127,27 @@ class ClassificationModule(ClassifierSteps, TransferModule):
         )
         outputs = self.use_loss(loss, mixup, num_classes, class_weights, class_counts)
         spec = create_backbone(
-            backbone, outputs, pretrained, weights, drop_rate, head_hidden, small_input
+            backbone,
+            outputs,
+            pretrained,
+            weights,
+            drop_rate,
+            head_hidden,
+            small_input,
+            pretrained_url,
         )
-        self.net, self.mean, self.std = spec.model, spec.mean, spec.std
+        self.net = spec.model
+        self.use_normalisation(spec.mean, spec.std)
         self.use_strategy(
             strategy, optimizer, scheduler, spec.blocks, spec.head, pretrained or bool(weights)
         )
-        self.val_metrics = classification_metrics(num_classes, ["acc", "auroc"], "val/")
-        self.test_metrics = classification_metrics(
-            num_classes, ["acc", "auroc", "f1", "sensitivity", "specificity"], "test/"
-        )
+        self.val_metrics = classification_metrics(num_classes, VAL_METRICS, "val/")
+        self.test_metrics = classification_metrics(num_classes, TEST_METRICS, "test/")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, num_classes), also from a single-logit (BCE) network."""
-        return class_logits(self.net(x))
+        """Class logits (N, num_classes) of [0, 1] images, also from a single-logit (BCE)
+        network."""
+        return class_logits(self.net(self.normalise(x)))
 
 
 def class_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -148,7 +156,12 @@ def class_scores(logits: torch.Tensor) -> torch.Tensor:
     return probs[:, 1] if probs.shape[1] == 2 else probs
 
 
-def classification_metrics(num_classes: int, names: list[str], prefix: str) -> MetricCollection:
+# Every classifier (CNN, quality baseline, ensemble) logs these, so their runs compare.
+VAL_METRICS = ("acc", "auroc")
+TEST_METRICS = ("acc", "auroc", "f1", "sensitivity", "specificity")
+
+
+def classification_metrics(num_classes: int, names: Sequence[str], prefix: str) -> MetricCollection:
     kind = (
         {"task": "binary"}
         if num_classes == 2

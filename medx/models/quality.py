@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
-from medx import tracking
 from medx.errors import ConfigError
-from medx.models.backbones import UNIT_MEAN, UNIT_STD
-from medx.models.classifier import ClassifierSteps, classification_metrics
+from medx.models.base import MedxModule
+from medx.models.classifier import (
+    TEST_METRICS,
+    VAL_METRICS,
+    ClassifierSteps,
+    classification_metrics,
+)
 from medx.models.losses import LossFactory, class_logits
 from medx.models.schedulers import optimizer_config
 from medx.quality.features import FEATURES, LOG_FEATURES
@@ -31,7 +33,7 @@ BASELINES = ("logreg",)
 LOG_OFFSET = 1e-8
 
 
-class QualityBaseline(ClassifierSteps, L.LightningModule):
+class QualityBaseline(ClassifierSteps, MedxModule):
     """Logistic regression on standardised quality features; class 1 ("bad") is positive.
 
     The standardisation (mean, std per feature, after log of the `LOG_FEATURES`) is fitted on
@@ -72,17 +74,17 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
         self.linear = nn.Linear(n, outputs)
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler
-        self.mean, self.std = UNIT_MEAN, UNIT_STD  # image normalisation: unused, no images
         log_mask = torch.tensor([name in LOG_FEATURES for name in self.feature_names])
         self.register_buffer("log_mask", log_mask, persistent=False)
         self.register_buffer("feature_mean", torch.zeros(n))
         self.register_buffer("feature_std", torch.ones(n))
         self.register_buffer("fitted", torch.tensor(False))
-        self.val_metrics = classification_metrics(num_classes, ["acc", "auroc"], "val/")
-        self.test_metrics = classification_metrics(
-            num_classes, ["acc", "auroc", "f1", "sensitivity", "specificity"], "test/"
-        )
+        self.val_metrics = classification_metrics(num_classes, VAL_METRICS, "val/")
+        self.test_metrics = classification_metrics(num_classes, TEST_METRICS, "test/")
         self._test_outputs: list[tuple[torch.Tensor, ...]] = []
+        # raw test features (n, F) and labels (n,) of the last test, for the figures that
+        # `medx.evaluation.quality_report.QualityReport` draws
+        self.test_features: tuple[np.ndarray, np.ndarray] | None = None
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features → the log where it applies (no standardisation)."""
@@ -110,6 +112,9 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
         self.fitted.fill_(True)
         log.info("Standardisation fitted on %d training feature vectors", len(z))
 
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs, self.test_features = [], None
+
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         scores = super().test_step(batch, batch_idx)
         self._test_outputs.append((batch[0].cpu(), batch[1].cpu()))
@@ -117,20 +122,10 @@ class QualityBaseline(ClassifierSteps, L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        if self._test_outputs and self.hparams.num_classes == 2:
-            self._write_reports()
+        if self._test_outputs:
+            x, y = (torch.cat(parts).numpy() for parts in zip(*self._test_outputs, strict=True))
+            self.test_features = (x, y)
         self._test_outputs = []
-
-    def _write_reports(self) -> None:
-        from medx.evaluation.quality_report import write_reports  # matplotlib only when reporting
-
-        x, y = (torch.cat(parts).numpy() for parts in zip(*self._test_outputs, strict=True))
-        root = Path(self.trainer.default_root_dir or ".") / "quality_report"
-        paths = write_reports(
-            root, y, x, self.feature_names, self.coefficients(), list(self.hparams.class_names)
-        )
-        tracking.log_artifacts(self.loggers, paths)
-        log.info("Quality reports in %s", root)
 
     def configure_optimizers(self) -> Any:
         """The configured optimizer; `lr` (when set) replaces its LR, as a linear model on

@@ -1,31 +1,64 @@
-"""Binary segmentation LightningModule: smp network, strategy, per-image Dice/IoU, overlays."""
+"""Binary segmentation LightningModule: smp network, strategy, per-image Dice/IoU.
+
+Validation and test keep, per epoch, what the report needs (`EpochResults`: per-image scores,
+the first `overlay_images` cases and the worst test cases as small CPU tensors); the
+`SegmentationReport` callback in `medx.evaluation.segmentation_report` draws and writes them.
+"""
 
 from __future__ import annotations
 
-import csv
 import logging
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from segmentation_models_pytorch import losses
 from torch import nn
 
-from medx import tracking
 from medx.errors import ConfigError
+from medx.models.base import Optimizer, Scheduler, TransferModule
 from medx.models.overlap import overlap_scores, pooled_dice
 from medx.models.postprocess import apply_to_batch, make_postprocess
 from medx.models.segmentation_nets import create_segmenter
 from medx.models.strategy import Strategy
-from medx.models.base import Optimizer, Scheduler, TransferModule
-from medx.evaluation.overlays import overlay, save_grid
 
 log = logging.getLogger(__name__)
 
 WORST = 5  # worst test images reported by name and drawn
 PER_IMAGE = ("dice", "iou", "accuracy")  # averaged over images: val/dice, test/dice, ...
 COUNTS = ("tp", "fp", "fn")  # pixel counts per image, for test/dice_pooled
+
+
+@dataclass
+class Case:
+    """One image kept for the report: its index in the split, its Dice, and CPU copies of the
+    [0, 1] image (C x H x W), the true and the predicted {0, 1} mask (1 x H x W)."""
+
+    index: int
+    dice: float
+    image: torch.Tensor
+    truth: torch.Tensor
+    prediction: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, index: int, dice: float, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor
+    ) -> Case:
+        """Copies, not views, so a kept case does not hold its whole batch in memory."""
+        image, truth, prediction = (t.detach().cpu().clone() for t in (x, y, pred))
+        return cls(index, dice, image, truth, prediction)
+
+
+@dataclass
+class EpochResults:
+    """One validation or test epoch: per-image scores in split order of `index`."""
+
+    stage: str
+    epoch: int
+    index: torch.Tensor  # (n,) positions in the split, for image names
+    scores: dict[str, torch.Tensor]  # PER_IMAGE + COUNTS, each (n,)
+    shown: list[Case] = field(default_factory=list)  # index < overlay_images, by index
+    worst: list[Case] = field(default_factory=list)  # test: the WORST lowest Dice, worst first
 
 
 class DiceBCE(nn.Module):
@@ -80,7 +113,8 @@ class SegmentationModule(TransferModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "strategy"], logger=False)
         spec = create_segmenter(arch, encoder, pretrained, weights, xavier_init, arch_kwargs)
-        self.net, self.mean, self.std = spec.model, spec.mean, spec.std
+        self.net = spec.model
+        self.use_normalisation(spec.mean, spec.std)
         self.use_strategy(
             strategy, optimizer, scheduler, spec.blocks, spec.head, pretrained or bool(weights)
         )
@@ -88,17 +122,20 @@ class SegmentationModule(TransferModule):
         self.zscore, self.threshold, self.overlay_images = zscore, threshold, overlay_images
         self.postprocess = make_postprocess(postprocess)
         self._epoch: dict[str, Any] = {}
+        self.results: dict[str, EpochResults] = {}  # by stage, the last epoch's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N x 1 x H x W). `zscore`: each image standardised on its own, which evens
-        out exposure differences between X-ray sources that one global mean/std cannot."""
+        """Logits (N x 1 x H x W) of [0, 1] images. `zscore`: each image standardised on its
+        own, which evens out exposure differences between X-ray sources that one global
+        mean/std cannot."""
+        x = self.normalise(x)
         if self.zscore:
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) / x.std(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
         return self.net(x)
 
     def predict_masks(self, x: torch.Tensor) -> torch.Tensor:
-        """Foreground probabilities (N x 1 x H x W) for normalised inputs."""
+        """Foreground probabilities (N x 1 x H x W) of [0, 1] images."""
         return torch.sigmoid(self(x))
 
     def binarize(self, prob: torch.Tensor) -> torch.Tensor:
@@ -112,7 +149,8 @@ class SegmentationModule(TransferModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    # --- validation and test: per-image scores, a fixed set of overlays, worst cases ---
+    # --- validation and test: per-image scores, a fixed set of cases, the worst cases ---
+    # The module computes and keeps; `medx.evaluation.segmentation_report` draws and writes.
 
     def on_validation_epoch_start(self) -> None:
         self._start("val")
@@ -133,8 +171,9 @@ class SegmentationModule(TransferModule):
         self._end("test")
 
     def _start(self, stage: str) -> None:
-        self._epoch = {"stage": stage, "index": [], "shown": [], "worst": []}
+        self._epoch = {"index": [], "shown": [], "worst": []}
         self._epoch.update({k: [] for k in PER_IMAGE + COUNTS})
+        self.results.pop(stage, None)
 
     def _eval_step(self, stage: str, batch: Any) -> None:
         x, y, index = batch
@@ -148,7 +187,7 @@ class SegmentationModule(TransferModule):
         for j, i in enumerate(index.tolist()):
             dice = float(scores["dice"][j])
             if i < self.overlay_images:
-                self._epoch["shown"].append((i, dice, self._tile(x[j], y[j], pred[j])))
+                self._epoch["shown"].append(Case.of(i, dice, x[j], y[j], pred[j]))
             if stage == "test":
                 self._keep_worst(i, dice, x[j], y[j], pred[j])
 
@@ -156,9 +195,9 @@ class SegmentationModule(TransferModule):
         self, i: int, dice: float, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor
     ) -> None:
         worst = self._epoch["worst"]
-        if len(worst) < WORST or dice < worst[-1][1]:
-            worst.append((i, dice, self._tile(x, y, pred)))
-            worst.sort(key=lambda item: item[1])
+        if len(worst) < WORST or dice < worst[-1].dice:
+            worst.append(Case.of(i, dice, x, y, pred))
+            worst.sort(key=lambda case: case.dice)
             del worst[WORST:]
 
     def _end(self, stage: str) -> None:
@@ -171,57 +210,11 @@ class SegmentationModule(TransferModule):
             self.log(f"{stage}/dice_pooled", pooled_dice(*(scores[k] for k in COUNTS)))
             self.log(f"{stage}/dice_median", dice.median())
             self.log(f"{stage}/dice_worst{WORST}", dice.sort().values[:WORST].mean())
-            self._report_test(torch.cat(self._epoch["index"]), scores)
-        if not self.trainer.sanity_checking and not self.trainer.fast_dev_run:
-            self._draw(stage)
-
-    def _report_test(self, index: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
-        """Per-image scores, worst first, as a CSV next to the checkpoints and in MLflow."""
-        path = self._out_dir() / "test_dice.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        order = scores["dice"].argsort().tolist()
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", *PER_IMAGE])
-            for k in order:
-                writer.writerow(
-                    [self._name("test", int(index[k]))]
-                    + [f"{float(scores[m][k]):.4f}" for m in PER_IMAGE]
-                )
-        worst = ", ".join(
-            f"{self._name('test', int(index[k]))} {float(scores['dice'][k]):.3f}"
-            for k in order[:WORST]
+        self.results[stage] = EpochResults(
+            stage=stage,
+            epoch=self.current_epoch,
+            index=torch.cat(self._epoch["index"]),
+            scores=scores,
+            shown=sorted(self._epoch["shown"], key=lambda case: case.index),
+            worst=list(self._epoch["worst"]),
         )
-        log.info("test Dice: median %.4f; worst: %s", float(scores["dice"].median()), worst)
-        if not self.trainer.fast_dev_run:
-            tracking.log_artifacts(self.loggers, [path])
-
-    def _draw(self, stage: str) -> None:
-        """Save overlay grids (fixed images; on test also the worst) and log them to MLflow."""
-        grids = []
-        shown = sorted(self._epoch["shown"], key=lambda item: item[0])
-        name = f"val_epoch{self.current_epoch:03d}" if stage == "val" else "test"
-        if shown:
-            grids.append(self._grid(stage, shown, name))
-        if stage == "test" and self._epoch["worst"]:
-            grids.append(self._grid(stage, self._epoch["worst"], "test_worst"))
-        tracking.log_artifacts(self.loggers, grids, artifact_path="overlays")
-
-    def _grid(self, stage: str, items: list, name: str) -> Path:
-        tiles = [tile for _, _, tile in items]
-        captions = [f"{self._name(stage, i)[:24]} D={dice:.3f}" for i, dice, _ in items]
-        return save_grid(tiles, captions, self._out_dir() / "overlays" / f"{name}.png")
-
-    def _tile(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
-        mean = torch.tensor(self.mean, device=x.device)[:, None, None]
-        std = torch.tensor(self.std, device=x.device)[:, None, None]
-        image = ((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
-        return overlay(image, y[0].cpu().numpy(), pred[0].cpu().numpy())
-
-    def _name(self, stage: str, i: int) -> str:
-        splits = getattr(self.trainer.datamodule, "splits", None) or {}
-        images = getattr(splits.get(stage), "images", None)
-        return images[i].name if images is not None and i < len(images) else f"#{i}"
-
-    def _out_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)

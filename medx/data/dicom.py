@@ -1,0 +1,297 @@
+"""Read a DICOM radiograph into the uint8 gray image every other medx reader gives.
+
+What is read: single-frame grayscale images (PhotometricInterpretation MONOCHROME1 or
+MONOCHROME2, one sample per pixel, 1 to 16 bits stored, signed or unsigned), uncompressed or
+compressed in any transfer syntax that pydicom 3 with the pylibjpeg plugins decodes: JPEG
+baseline, extended and lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, deflate. A DICOM file is a
+``.dcm``/``.dicom`` file, or a file without extension (also a numeric one, as with files
+named by their UID, ``1.2.840.113619.2.55.3.1``) that has the "DICM" marker at byte 128. The
+file must be a DICOM Part 10 file (preamble and file meta information); ``DICOMDIR`` indexes
+are never images.
+
+The pixel pipeline follows the standard's order (PS3.3 C.11, PS3.4 N.2):
+
+1. modality LUT: RescaleSlope/RescaleIntercept, or a Modality LUT Sequence (pydicom's
+   ``apply_modality_lut``), giving modality values (HU, optical density, ...);
+2. VOI: the first VOI LUT, else the first window (WindowCenter/WindowWidth with its
+   VOILUTFunction: LINEAR, LINEAR_EXACT or SIGMOID; pydicom's ``apply_voi_lut``). The first
+   one is the one the modality chose as the default view, the one a radiologist sees when
+   the image opens; the window's bounds become black and white;
+3. with neither, the whole range that BitsStored can hold, taken through the modality LUT,
+   becomes black..white: 12-bit data in 16-bit words spans 0..4095, not 0..65535. This
+   range is fixed by the file, not by its content, so one grey level means one detector
+   value in every image of a series (a per-image min..max stretch, as medx.data.io applies
+   to 16-bit PNGs, would not); data that fill only part of it look dull, as they do in a
+   viewer that shows the stored range. Radiographs from DX/CR modalities nearly always
+   carry a window; this case is mostly converted and secondary-capture images;
+4. MONOCHROME1 (minimum is white) is inverted, so that in the result dense tissue is bright
+   as in a MONOCHROME2 image, a PNG or a JPEG;
+5. the result, 0..1, is rounded to uint8 0..255.
+
+``read_dicom`` returns uint8 HxW, the shape and type of a decoded 8-bit gray PNG, so that
+medx.data.io treats a DICOM file like any other image (three equal channels for a backbone).
+A file written from 8-bit pixels (MONOCHROME2, or MONOCHROME1 of inverted pixels, with or
+without a rescale and a window that maps them back) reads back exactly those pixels.
+
+Every failure is a ``BadImageError`` naming the file and the reason: no pixel data (not an
+image: a structured report, a presentation state), colour, multi-frame, a transfer syntax
+that no installed decoder reads (named), a file that is not DICOM after all, or a corrupt
+or truncated one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
+
+from medx.data.io import _bad
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_MAGIC_OFFSET = 128
+_MAGIC = b"DICM"
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+_SUPPORTED = (
+    "medx reads single-frame grayscale DICOM images (MONOCHROME1 or MONOCHROME2, "
+    "one sample per pixel)"
+)
+_MAX_TABLE = 2**17  # a lookup table for up to 17 bits of stored values
+_CONVERT = "convert it to an uncompressed transfer syntax (e.g. `gdcmconv --raw IN OUT`)"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A ``.dcm``/``.dicom`` file, or one with no (or a numeric) extension and the DICM marker.
+
+    Only files whose name could be DICOM are opened (132 bytes), so listing a folder of PNGs
+    costs nothing more; a numeric "extension" is the tail of a UID used as a file name.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if path.name.upper() == "DICOMDIR" or not (suffix == "" or suffix[1:].isdigit()):
+        return False
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_MAGIC_OFFSET + len(_MAGIC))
+    except OSError:
+        return False
+    return head[_MAGIC_OFFSET:] == _MAGIC
+
+
+def dicom_patient_id(path: Path) -> str | None:
+    """PatientID from the header alone (pixels are not read), or None when absent or unreadable.
+
+    An unreadable file gives None rather than an error: image verification, which runs first,
+    is what reports it.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        value = ds.get("PatientID")
+    except Exception:  # pydicom raises many types on corrupt input; verification names them
+        return None
+    value = str(value).strip() if value is not None else ""
+    return value or None
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    """Decode one DICOM file to uint8 HxW by the module's pipeline; BadImageError naming it."""
+    path = Path(path)
+    ds = _read(path)
+    stored = _stored_pixels(ds, path)
+    # Every step maps each stored value on its own, so the grey of each value that occurs is
+    # computed once and looked up: one pass over the pixels instead of several in float64.
+    low, high = min(0, int(stored.min())), int(stored.max())  # from 0: index without a shift
+    values = np.arange(low, high + 1) if high - low < _MAX_TABLE else stored
+    try:
+        grey = np.rint(display_values(values, ds) * 255).astype(np.uint8)
+    except (ValueError, TypeError, IndexError, KeyError, NotImplementedError) as exc:
+        raise _bad(
+            path,
+            f"has grey-level attributes medx cannot apply (rescale, window or LUT: "
+            f"{_reason(exc)}); it is corrupt or was written by a faulty tool",
+        ) from exc
+    if values is stored:
+        return grey
+    if stored.dtype == np.uint8:  # OpenCV's lookup is several times faster than numpy's
+        return cv2.LUT(stored, np.pad(grey, (0, 256 - grey.size)))
+    return np.take(grey, stored if low == 0 else stored.astype(np.int64) - low)
+
+
+def display_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored pixel values to display values in [0, 1] (float): steps 1 to 4 of the module doc.
+
+    0 is black and 1 white in the MONOCHROME2 sense, whatever the file's photometry.
+    """
+    modality = apply_modality_lut(stored, ds)
+    first, last = _modality_range(ds)
+    if first == last:
+        raise ValueError(f"every stored value maps to {first} (a RescaleSlope of 0?)")
+    if _has_voi_lut(ds):
+        if modality.dtype.kind == "f":  # a LUT is indexed by integers
+            modality = np.rint(modality).astype(np.int64)
+        unit = apply_voi_lut(modality, ds, index=0) / _voi_lut_max(ds)
+    elif ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
+        # pydicom maps the window onto the modality range of the stored values, first..last;
+        # first may exceed last (a negative slope), which the division undoes.
+        unit = (apply_voi_lut(modality, ds, index=0) - first) / (last - first)
+    else:
+        low, high = min(first, last), max(first, last)
+        unit = (modality - low) / (high - low)
+    unit = np.clip(unit, 0.0, 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit
+
+
+def _modality_range(ds: Dataset) -> tuple[float, float]:
+    """Where the smallest and the largest stored value land after the modality LUT.
+
+    This is also the output range pydicom's apply_windowing maps a window onto (PS3.3
+    C.11.2.1.2: y_min..y_max), so one function serves the windowed and the plain case.
+    """
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    if ds.get("PixelRepresentation", 0) == 0:
+        low, high = 0, 2**bits - 1
+    else:
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        return low * slope + intercept, high * slope + intercept
+    return float(low), float(high)
+
+
+def _has_voi_lut(ds: Dataset) -> bool:
+    luts = ds.get("VOILUTSequence")
+    return bool(luts) and "LUTDescriptor" in luts[0] and "LUTData" in luts[0]
+
+
+def _voi_lut_max(ds: Dataset) -> float:
+    """White for a VOI LUT: 2**bits - 1, bits from its descriptor.
+
+    Many writers declare 16 bits for LUTs whose entries only reach 12; like DCMTK, trust the
+    entries when they need fewer bits than declared.
+    """
+    count, first, declared = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+    entries = apply_voi_lut(np.arange(first, first + (count or 2**16)), ds, index=0)
+    used = max(1, min(declared, int(entries.max()).bit_length()))
+    return float(2**used - 1)
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError as exc:
+        if not path.is_file():
+            raise _bad(path, "cannot be read (no such file)") from exc
+        if path.stat().st_size == 0:
+            raise _bad(path, "is empty (0 bytes)") from exc
+        raise _bad(
+            path,
+            "is not a DICOM file: it lacks the 'DICM' marker at byte 128 of a DICOM Part 10 "
+            "file (preamble and file meta information); it is corrupt, or it is another "
+            "format with a DICOM name",
+        ) from exc
+    except OSError as exc:
+        raise _bad(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise _bad(path, f"is a truncated or corrupt DICOM file ({_reason(exc)})") from exc
+    return ds
+
+
+def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
+    """The stored values of the one frame, after checking that medx can use them."""
+    sop = UID(str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or ""))
+    if "PixelData" not in ds:
+        if not sop:
+            raise _bad(path, "is a truncated or corrupt DICOM file: it holds no data elements")
+        if "Image" in sop.name:
+            raise _bad(
+                path,
+                f"is a truncated or corrupt DICOM file: a {sop.name} whose pixel data is "
+                "missing or cut off",
+            )
+        raise _bad(path, f"has no pixel data (PixelData): it is a {sop.name}, not an image")
+    missing = [
+        k
+        for k in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PhotometricInterpretation")
+        if k not in ds
+    ]
+    if missing:
+        raise _bad(path, f"is a DICOM image without {', '.join(missing)}; it is corrupt")
+    photometric = str(ds.PhotometricInterpretation).strip()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if photometric not in _GRAYSCALE or samples != 1:
+        raise _bad(
+            path,
+            f"is a colour DICOM image (PhotometricInterpretation {photometric}, "
+            f"{samples} samples per pixel); {_SUPPORTED}",
+        )
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames != 1:
+        raise _bad(
+            path,
+            f"is a multi-frame DICOM image ({frames} frames); {_SUPPORTED}; "
+            "split it into one file per frame",
+        )
+    syntax = _transfer_syntax(ds, path)
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # decoders raise many types on corrupt data
+        raise _bad(
+            path,
+            f"is a truncated or corrupt DICOM file: its {syntax.name} pixel data cannot be "
+            f"decoded ({_reason(exc)})",
+        ) from exc
+    if stored.ndim != 2:
+        raise _bad(path, f"decodes to pixel array shape {stored.shape}; {_SUPPORTED}")
+    return stored
+
+
+def _transfer_syntax(ds: Dataset, path: Path) -> UID:
+    """The file's transfer syntax, once sure an installed decoder reads it."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if not syntax:
+        raise _bad(
+            path,
+            "is a truncated or corrupt DICOM file: its file meta information has no "
+            "Transfer Syntax UID (0002,0010)",
+        )
+    syntax = UID(str(syntax))
+    if not syntax.is_transfer_syntax:
+        raise _bad(
+            path,
+            f"declares the transfer syntax {syntax}, which is not a DICOM transfer syntax "
+            "UID; the file is corrupt or was written by a faulty tool",
+        )
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise _bad(
+            path,
+            f"uses the transfer syntax {syntax.name} ({syntax}), for which pydicom has no "
+            f"decoder; {_CONVERT}",
+        ) from exc
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies)
+        raise _bad(
+            path,
+            f"uses the transfer syntax {syntax.name} ({syntax}), and no decoder for it is "
+            f"installed ({needs}); install the pylibjpeg plugins of requirements.lock, or "
+            f"{_CONVERT}",
+        )
+    return syntax
+
+
+def _reason(exc: Exception) -> str:
+    """pydicom's message, first clause only: the rest lists guesses that do not help."""
+    text = str(exc).split(" - ")[0].strip() or type(exc).__name__
+    return text.splitlines()[0]

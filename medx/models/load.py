@@ -1,0 +1,176 @@
+"""Open a medx checkpoint: the one way medx turns a `.ckpt` file into a ready model.
+
+Everything needed travels inside the checkpoint (`hyper_parameters`, the weights, and the model
+card under `checkpoint["medx"]`), so loading touches neither `model.weights`, nor
+`model.pretrained` (no download), nor the network, nor the run directory. Files are read with
+`torch.load(weights_only=True)`: a checkpoint carrying a pickled object is refused, and the
+object never runs. Only medx's own module classes are built, chosen from a fixed table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medx.errors import CheckpointError
+from medx.models.backbones import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
+from medx.models.base import CARD_KEY, MedxModule
+
+log = logging.getLogger(__name__)
+
+_TRAIN_ONE = "train one with `python -m medx.train`"
+
+
+def _module_classes() -> dict[str, type[MedxModule]]:
+    """The card's `module` name → class; imported here, so the table has no import cycle."""
+    from medx.models.classifier import ClassificationModule
+    from medx.models.quality import QualityBaseline
+    from medx.models.segmentation import SegmentationModule
+
+    return {
+        f"{cls.__module__}.{cls.__qualname__}": cls
+        for cls in (ClassificationModule, SegmentationModule, QualityBaseline)
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents (plain tensors and values only), or a CheckpointError that
+    names the file and says what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint {path} does not exist; check the path.")
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} is not a file; give a .ckpt file.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes): an interrupted copy?")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"Checkpoint {path} is not a PyTorch checkpoint (no zip archive inside: a text "
+            f"file, an image, or a file cut short by an interrupted copy); {_TRAIN_ONE}."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"Checkpoint {path} was refused: it holds Python objects, not only weights and "
+            f"plain values ({first}). medx never unpickles objects from a checkpoint (they "
+            "could run code); use a checkpoint written by medx.train."
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"Checkpoint {path} cannot be read ({type(err).__name__}: {err}): it is damaged or "
+            f"truncated; copy it again or {_TRAIN_ONE}."
+        ) from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not a medx checkpoint (no `state_dict`): it may be a "
+            f"bare state dict, which model.weights=... takes as a starting point; {_TRAIN_ONE}."
+        )
+    if not isinstance(ckpt.get("hyper_parameters"), Mapping):
+        raise CheckpointError(
+            f"{path} is a Lightning checkpoint without `hyper_parameters`: not written by "
+            f"medx; {_TRAIN_ONE}."
+        )
+    return ckpt
+
+
+def model_card(path: str | Path) -> dict[str, Any]:
+    """The model card of a checkpoint (task, classes, input, run, operating point, ...)."""
+    ckpt = read_checkpoint(path)
+    return card_of(ckpt)
+
+
+def card_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    card = deepcopy(dict(ckpt.get(CARD_KEY) or {}))
+    card.setdefault("module", _legacy_module(ckpt["hyper_parameters"]))
+    return card
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> MedxModule:
+    """A ready, eval-mode module from any medx checkpoint (classifier, segmenter, quality
+    baseline, quality CNN), with its card in `module.card`."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    card = card_of(ckpt)
+    classes = _module_classes()
+    cls = classes.get(card["module"])
+    if cls is None:
+        raise CheckpointError(
+            f"{path} holds a {card['module']}, which this medx cannot build (known: "
+            f"{', '.join(sorted(classes))}); use the medx version that trained it."
+        )
+    model = cls(**_build_args(cls, ckpt["hyper_parameters"]))
+    state = dict(ckpt["state_dict"])
+    _fill_legacy_normalisation(model, state, ckpt["hyper_parameters"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit the {cls.__name__} its hyper-parameters describe "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+            f"{(list(missing) + list(unexpected))[:3]}); it was changed after training."
+        )
+    model.on_load_checkpoint(ckpt)
+    model.card = card
+    model.card.setdefault("checkpoint", str(path))
+    return model.to(map_location).eval()
+
+
+def update_card(path: str | Path, **entries: Any) -> None:
+    """Add entries to a checkpoint's card (e.g. the operating point chosen after training),
+    written atomically: a crash leaves the old file whole."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    ckpt.setdefault(CARD_KEY, {}).update(deepcopy(entries))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build_args(cls: type[MedxModule], hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments from the saved hyper-parameters: the weights come from the
+    checkpoint, so no download and no weights file; the strategy (which blocks trained) does
+    not matter for using the model, so every block is left trainable (Grad-CAM needs that)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    args = {k: deepcopy(v) for k, v in hparams.items() if k in accepted}
+    offline = {"pretrained": False, "weights": None, "pretrained_url": None}
+    args.update({k: v for k, v in offline.items() if k in accepted})
+    args.pop("strategy", None)
+    return args
+
+
+def _legacy_module(hparams: Mapping[str, Any]) -> str:
+    """Checkpoints written before the card: the module told by its hyper-parameters."""
+    if "arch" in hparams and "encoder" in hparams:
+        return "medx.models.segmentation.SegmentationModule"
+    if "feature_names" in hparams:
+        return "medx.models.quality.QualityBaseline"
+    return "medx.models.classifier.ClassificationModule"
+
+
+def _fill_legacy_normalisation(
+    model: MedxModule, state: dict[str, Any], hparams: Mapping[str, Any]
+) -> None:
+    """Checkpoints from before the model owned its normalisation lack its buffers: they were
+    ImageNet's when the network started from ImageNet or local weights, 0.5/0.5 otherwise."""
+    if not hasattr(model, "input_mean") or "input_mean" in state:
+        return
+    imagenet = bool(hparams.get("pretrained") or hparams.get("weights"))
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (UNIT_MEAN, UNIT_STD)
+    state["input_mean"] = torch.tensor(mean).view(1, -1, 1, 1)
+    state["input_std"] = torch.tensor(std).view(1, -1, 1, 1)
