@@ -35,6 +35,8 @@ from medx.config import compose, config_dir
 from medx.errors import ConfigError
 from medx.evaluation.callback import ClinicalEvaluation
 from medx.evaluation.ensemble import Ensemble
+from medx.evaluation.quality_report import QualityReport
+from medx.evaluation.segmentation_report import SegmentationReport
 from medx.models.load import card_of, load, read_checkpoint
 from medx.train import one_device
 
@@ -192,16 +194,12 @@ def evaluate(
 
 
 def report_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The run's report callbacks (medx.evaluation's), the clinical evaluation with eval.*."""
-    # eval.* wins: the saved callback settings were resolved from the run's eval.* values
-    entries = dict(cfg.get("callbacks") or {})
-    settings = dict(entries.pop("clinical_evaluation", None) or {})
+    """Every report callback (each acts for its own task only); the clinical evaluation with
+    eval.* winning over the run's saved settings, which were resolved from its eval.*."""
+    settings = dict((cfg.get("callbacks") or {}).get("clinical_evaluation") or {})
     settings.pop("_target_", None)
-    callbacks: list[L.Callback] = [ClinicalEvaluation(**{**settings, **(cfg.get("eval") or {})})]
-    for entry in entries.values():
-        if entry and str(entry.get("_target_", "")).startswith("medx.evaluation."):
-            callbacks.append(instantiate(entry))
-    return callbacks
+    clinical = ClinicalEvaluation(**{**settings, **(cfg.get("eval") or {})})
+    return [clinical, SegmentationReport(), QualityReport()]
 
 
 def load_model(members: list[tuple[Path, DictConfig]], num_classes: int) -> L.LightningModule:

@@ -1,7 +1,9 @@
 """Resuming a crashed run: `ckpt_path=last` finds its checkpoint and MLflow run, and continues both.
 
 The run of the same `logger.experiment_name` and run name that started last and whose output
-directory (tag `medx.output_dir`) holds `checkpoints/last.ckpt` is the one continued: metrics
+directory (tag `medx.output_dir`) holds `checkpoints/last.ckpt` (or, when the process that last
+continued it died within its first epoch, the checkpoint that one resumed from, tag
+`medx.resumed_from`) is the one continued: metrics
 go on in that MLflow run, which ends FINISHED instead of staying FAILED. `ResumableCheckpoint`
 keeps `last.ckpt` at the last completed epoch; `RandomState` puts the random generators into
 every checkpoint, so a resumed fit draws the batches and augmentations the uninterrupted one
@@ -52,8 +54,7 @@ def resolve_last(cfg: DictConfig) -> str | None:
         else []
     )
     for run in runs:
-        checkpoint = Path(run.data.tags.get("medx.output_dir", "")) / "checkpoints" / "last.ckpt"
-        if run.data.tags.get("medx.output_dir") and checkpoint.is_file():
+        if (checkpoint := _last_checkpoint(run.data.tags)) is not None:
             with open_dict(cfg):
                 cfg.ckpt_path = str(checkpoint)
             client.update_run(run.info.run_id, status="RUNNING")
@@ -65,6 +66,17 @@ def resolve_last(cfg: DictConfig) -> str | None:
         f"{logger.experiment_name!r} ({logger.tracking_uri}) has checkpoints/last.ckpt in its "
         "output directory (tag medx.output_dir). Give the file: ckpt_path=/path/last.ckpt."
     )
+
+
+def _last_checkpoint(tags: dict[str, str]) -> Path | None:
+    """The run's newest last.ckpt: in its latest output directory, else (that process died
+    before finishing an epoch) the one that process resumed from."""
+    candidates = []
+    if output_dir := tags.get("medx.output_dir"):
+        candidates.append(Path(output_dir) / "checkpoints" / "last.ckpt")
+    if resumed_from := tags.get("medx.resumed_from"):
+        candidates.append(Path(resumed_from))
+    return next((c for c in candidates if c.is_file()), None)
 
 
 class RandomState(L.Callback):

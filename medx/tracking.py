@@ -2,15 +2,17 @@
 
 Lightning's MLFlowLogger does the metric logging; this module adds what a comparable,
 reproducible run needs around it: dotted params (never nested dict dumps), the resolved config
-and the Hydra overrides as artifacts, the git commit, and FAILED status when anything crashes,
-also outside `trainer.fit`.
+and the Hydra overrides as artifacts, the git commit, and an honest end status: FAILED when
+anything crashes, also outside `trainer.fit`, KILLED on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,17 +151,73 @@ _PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEO
 
 @contextmanager
 def run_status(loggers: list[Logger]) -> Iterator[None]:
-    """End the MLflow run FINISHED, or FAILED (KILLED on Ctrl-C) when the body raises.
+    """End the MLflow run FINISHED; FAILED when the body raises; KILLED on Ctrl-C or SIGTERM.
 
-    Lightning ends runs itself only inside `trainer.fit`/`test`, and not at all under
-    fast_dev_run; a crash in data setup or after testing must not leave a run RUNNING.
+    Lightning ends runs itself only inside `trainer.fit`/`test` (as FAILED, also on Ctrl-C),
+    and not at all under fast_dev_run; a crash in data setup or after testing must not leave a
+    run RUNNING, and a run stopped on purpose is not a failure.
     """
+    with interrupts():
+        try:
+            yield
+        except BaseException as err:
+            _terminate(loggers, "KILLED" if stopped_by(err) else "FAILED")
+            raise
+        _terminate(loggers, "FINISHED")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what SLURM, `timeout` and `docker stop` send) or SIGINT, raised as Ctrl-C is:
+    Lightning stops the fit the same way for both, and the run ends KILLED."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stopped_by(err: BaseException | None) -> int | None:
+    """The signal that stopped the run, or None: `err` itself, what it was raised from
+    (Lightning turns Ctrl-C into `sys.exit(1)`), or a signal received meanwhile (a DataLoader
+    worker killed by the same SIGTERM may raise first)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Interrupted):
+            return err.signum
+        if isinstance(err, KeyboardInterrupt):
+            return signal.SIGINT
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return _received["signal"]
+
+
+_received: dict[str, int | None] = {"signal": None}
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    _received["signal"] = signum
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interrupts() -> Iterator[None]:
+    """While the body runs, SIGTERM and Ctrl-C raise `Interrupted` in the main thread.
+
+    Only default handlers are replaced: one a launcher installed (submitit requeues on
+    SIGTERM) or an ignored SIGINT (`nohup`, `cmd &`) is left as it is.
+    """
+    _received["signal"] = None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    taken = {s: d for s, d in defaults.items() if signal.getsignal(s) is d}
+    for signum in taken:
+        signal.signal(signum, _raise_interrupted)
     try:
         yield
-    except BaseException as err:
-        _terminate(loggers, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    _terminate(loggers, "FINISHED")
+    finally:
+        for signum, handler in taken.items():
+            signal.signal(signum, handler)
 
 
 def _terminate(loggers: list[Logger], status: str) -> None:

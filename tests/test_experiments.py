@@ -198,7 +198,9 @@ def test_medmnist_recipe_runs(make_cfg, medx_data: Path, tmp_path: Path) -> None
     assert len(rows) == 64
     labels = [r["label"] == "pneumonia" for r in rows]
     expected = roc_auc_score(labels, [float(r["probability"]) for r in rows])
-    assert metrics["test/auroc"] == pytest.approx(expected, abs=1e-4)
+    # 2 epochs leave the probabilities within 1e-3 of each other: the CSV's 6 decimals tie a
+    # pair or two of the ~1000 (5e-4 each); a wrong column or label would be off by far more
+    assert metrics["test/auroc"] == pytest.approx(expected, abs=3e-3)
     assert _state(cfg)["net.conv1.weight"].shape == (64, 3, 3, 3)  # the 28 px stem trained
 
 

@@ -77,8 +77,12 @@ def test_ckpt_path_last_after_a_plateau_continues_from_the_last_epoch_and_matche
 
     resumed = train(
         _cfg(
-            make_cfg, tmp_path / "resumed", *SAME, "logger.experiment_name=resume",
-            "ckpt_path=last", **PLATEAU,
+            make_cfg,
+            tmp_path / "resumed",
+            *SAME,
+            "logger.experiment_name=resume",
+            "ckpt_path=last",
+            **PLATEAU,
         )
     )
 
@@ -90,8 +94,9 @@ def test_ckpt_path_last_after_a_plateau_continues_from_the_last_epoch_and_matche
         [mlflow_client.get_experiment_by_name("straight").experiment_id]
     )
     for key in ("val/loss", "val/auroc", "val/acc"):
-        steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, key)]
-        assert steps == [m.step for m in mlflow_client.get_metric_history(reference.info.run_id, key)]
+        history = mlflow_client.get_metric_history
+        steps = [m.step for m in history(run.info.run_id, key)]
+        assert steps == [m.step for m in history(reference.info.run_id, key)], key  # no repeats
         assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
     assert saved_at(tmp_path / "resumed" / "checkpoints" / "last.ckpt") == saved_at(
         tmp_path / "straight" / "checkpoints" / "last.ckpt"

@@ -54,7 +54,16 @@ def test_lung_experiment_on_real_chest_xrays_is_tracked_in_mlflow(
     with (Path(cfg.paths.output_dir) / "test_dice.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == int(run.data.params["dataset.counts.test.images"])
-    assert [float(r["dice"]) for r in rows] == sorted(float(r["dice"]) for r in rows)
+    dice = [float(r["dice"]) for r in rows]
+    assert dice == sorted(dice)
+    # the logged figures are those of the per-image scores (4 decimals in the CSV)
+    assert metrics["test/dice"] == pytest.approx(np.mean(dice), abs=1e-4)
+    assert metrics["test/iou"] == pytest.approx(np.mean([float(r["iou"]) for r in rows]), abs=1e-4)
+    assert metrics["test/dice_median"] == pytest.approx(dice[(len(dice) - 1) // 2], abs=1e-4)
+    assert run.data.metrics["test/dice_worst5"] == pytest.approx(np.mean(dice[:5]), abs=1e-4)
+    for row in rows:  # IoU = D / (2 - D) image by image
+        d = float(row["dice"])
+        assert float(row["iou"]) == pytest.approx(d / (2 - d), abs=2e-4), row["image"]
 
 
 def test_phantom_checkpoint_predicts_masks_at_the_original_size(

@@ -8,21 +8,28 @@ it exists.
 
 `map_watching_decoders` runs a decode pass in a thread pool with descriptor 2 routed through
 a pipe; a reader thread passes everything on to the real stderr except decoder warnings, which
-it counts. The threads share one descriptor, so a warning cannot be traced to the thread that
-wrote it; but corrupt files are rare. A pass that saw no warning (nearly every pass) cost one
-pipe and nothing else; one that saw some finds their files by bisection, each half decoded
-again in parallel, and confirms each file by decoding it alone. One pass is watched at a time.
+it counts. A pass that saw none (nearly every pass) cost one pipe and nothing else. Which files
+warned cannot be told from one stream shared by all threads, in which any other thread of the
+process may also write, so a pass that saw warnings has its files decoded again in a child
+process, whose stderr only its own decoders write to: there a watched pass and a bisection
+(halves decoded again in parallel, a lone suspect decoded alone) find each file for sure.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
+
+import cv2
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +129,15 @@ def _could_be_ours(tail: bytes) -> bool:
 
 
 def map_watching_decoders(
-    fn: Callable[[Item], Result], items: Sequence[Item], workers: int, name: str = "medx-decode"
-) -> tuple[list[Result], dict[int, str]]:
-    """``fn`` over ``items`` in a thread pool, and {index: decoder warning} for the items whose
-    decoding made a decoder warn. ``fn`` must not raise (return the error instead), and must
-    decode the same way each time it is called: suspects are decoded again to find them.
-    """
+    fn: Callable[[Item], Result],
+    items: Sequence[Item],
+    files: Callable[[Item], Iterable[Path]],
+    workers: int,
+    name: str = "medx-decode",
+) -> tuple[list[Result], dict[int, tuple[Path, str]]]:
+    """``fn`` over ``items`` in a thread pool, and {index: (file, decoder warning)} for the
+    items one of whose ``files(item)`` made a decoder warn. ``fn`` must not raise (return the
+    error instead)."""
     if not items:
         return [], {}
     with _ONE_PASS, ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
@@ -138,11 +148,64 @@ def map_watching_decoders(
             return list(pool.map(fn, items)), {}
         try:
             results = list(pool.map(fn, items))
-            seen = len(tap.sync())
-            blamed = _bisect(fn, items, list(range(len(items))), seen, pool, tap) if seen else {}
+            seen = tap.sync()
         finally:
             tap.close()
+    if not seen:
+        return results, {}
+    log.info("Decoders warned %d times; decoding the files again to find which", len(seen))
+    paths = list(dict.fromkeys(Path(f) for item in items for f in files(item)))
+    warned = warned_files(paths, workers)
+    blamed: dict[int, tuple[Path, str]] = {}
+    for i, item in enumerate(items):
+        for path in map(Path, files(item)):
+            if path in warned:
+                blamed[i] = (path, warned[path])
+                break
     return results, blamed
+
+
+def warned_files(paths: Sequence[Path], workers: int) -> dict[Path, str]:
+    """{file: its first decoder warning} of the JPEGs among ``paths`` that make libjpeg warn,
+    found in a child process (see the module); in this process if no child can be started."""
+    request = json.dumps({"paths": [str(p) for p in paths], "workers": workers})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", __name__],
+            input=request,
+            capture_output=True,
+            text=True,
+            timeout=120 + len(paths),
+            check=True,
+        )
+        found = json.loads(done.stdout)
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        log.warning("Finding the files that made decoders warn in this process instead (%s)", err)
+        found = _find([str(p) for p in paths], workers)
+    return {Path(p): warning for p, warning in found.items()}
+
+
+def _decode_jpeg(path: str) -> None:
+    """Decode a JPEG as medx.data.io does (other files: nothing to do, libjpeg never sees them)."""
+    data = np.fromfile(path, np.uint8)
+    if data[:2].tobytes() == b"\xff\xd8":
+        cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+
+
+def _find(paths: list[str], workers: int) -> dict[str, str]:
+    """{file: warning}: one watched pass over ``paths``, then bisection. Exact when no other
+    thread decodes JPEGs meanwhile, as in the child process."""
+    with _ONE_PASS, ThreadPoolExecutor(max_workers=workers) as pool:
+        tap = _Tap()
+        try:
+            for _ in pool.map(_decode_jpeg, paths):
+                pass
+            seen = len(tap.sync())
+            everything = list(range(len(paths)))
+            blamed = _bisect(_decode_jpeg, paths, everything, seen, pool, tap) if seen else {}
+        finally:
+            tap.close()
+    return {paths[i]: warning for i, warning in sorted(blamed.items())}
 
 
 def _bisect(
@@ -153,11 +216,9 @@ def _bisect(
     pool: ThreadPoolExecutor,
     tap: _Tap,
 ) -> dict[int, str]:
-    """{index: warning} of the members of ``group``, which made about ``expected`` warnings.
-
-    A lone suspect is decoded alone: the warning must come back, so a warning that some other
-    library wrote meanwhile blames no file.
-    """
+    """{index: warning} of the members of ``group``, which made about ``expected`` warnings:
+    the first half is decoded again (in parallel) and counted, the second half gets the rest;
+    a lone suspect is decoded alone and must warn again."""
     if len(group) == 1:
         fn(items[group[0]])
         found = tap.sync()
@@ -170,3 +231,8 @@ def _bisect(
     if expected > in_first:
         blamed |= _bisect(fn, items, second, expected - in_first, pool, tap)
     return blamed
+
+
+if __name__ == "__main__":  # the child process of warned_files
+    request = json.load(sys.stdin)
+    json.dump(_find(request["paths"], request["workers"]), sys.stdout)

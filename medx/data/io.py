@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import time
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -362,19 +363,35 @@ class CheckedImages:
 
 
 def pixel_digest(pixels: np.ndarray) -> bytes:
-    """A 128-bit digest of an array's shape, type and values, for medx.data.duplicates: equal
-    pixels, equal digest, however the files were encoded (BLAKE2b; it releases the GIL)."""
-    digest = hashlib.blake2b(f"{pixels.shape}{pixels.dtype.str}".encode(), digest_size=16)
-    digest.update(np.ascontiguousarray(pixels).data)
-    return digest.digest()
+    """16 bytes that tell pixel arrays apart, for medx.data.duplicates: equal pixels give equal
+    digests however the files were encoded.
+
+    A CRC-32 of every byte, and a SHA-256 of the shape, the type and every 8th row. Two
+    different arrays collide only if they agree on every sampled row and, by a chance of one in
+    four billion, on the CRC. SHA-256 of every pixel would cost 30% of the decode time on
+    chest X-rays, this costs 12% (both release the GIL).
+    """
+    pixels = np.ascontiguousarray(pixels)
+    sampled = hashlib.sha256(f"{pixels.shape}{pixels.dtype.str}".encode())
+    sampled.update(np.ascontiguousarray(pixels[::8]).data)
+    return sampled.digest()[:12] + zlib.crc32(pixels.data).to_bytes(4, "big")
 
 
 def _inspect(path: Path) -> BadImageError | bytes:
-    """The digest of the pixels read_image gives, or the reason it gives none."""
+    """The digest of a file's pixels as decoded (alpha dropped), or the reason it has none."""
     try:
-        return pixel_digest(read_image(path))
+        img, channels = _read(path)
     except BadImageError as exc:
         return exc
+    if channels == 2:  # gray + alpha
+        img = img[:, :, 0]
+    elif channels == 4:
+        img = img[:, :, :3]
+    return pixel_digest(img)
+
+
+def _itself(path: Path) -> tuple[Path]:
+    return (path,)
 
 
 def check_images(paths: Sequence[Path], skip_bad: bool) -> CheckedImages:
@@ -388,9 +405,9 @@ def check_images(paths: Sequence[Path], skip_bad: bool) -> CheckedImages:
     paths = [Path(p) for p in paths]
     start = time.perf_counter()
     workers = min(32, (os.cpu_count() or 1) + 4)
-    results, warned = map_watching_decoders(_inspect, paths, workers, "medx-verify")
-    for i, warning in warned.items():
-        results[i] = corrupt_image_error(paths[i], warning)
+    results, warned = map_watching_decoders(_inspect, paths, _itself, workers, "medx-verify")
+    for i, (path, warning) in warned.items():
+        results[i] = corrupt_image_error(path, warning)
     checked = CheckedImages()
     for path, result in zip(paths, results, strict=True):
         if isinstance(result, bytes):

@@ -270,11 +270,9 @@ class SegmentationDataModule(SplitLoaders):
         watched as in medx.data.io.check_images; drop bad pairs if asked."""
         workers = min(8, (os.cpu_count() or 1) + 2)
         items = list(zip(pairs.images, pairs.masks, strict=True))
-        results, warned = map_watching_decoders(self._try_load, items, workers, "medx-masks")
-        for i, warning in warned.items():
-            image, mask = items[i]
-            jpeg_mask = mask.suffix.lower() in (".jpg", ".jpeg") and image.suffix.lower() == ".png"
-            results[i] = corrupt_image_error(mask if jpeg_mask else image, warning)
+        results, warned = map_watching_decoders(self._try_load, items, _pair, workers, "medx-seg")
+        for i, (path, warning) in warned.items():
+            results[i] = corrupt_image_error(path, warning)
         keep = [i for i, r in enumerate(results) if not isinstance(r, BadImageError)]
         for result in results:
             if isinstance(result, BadImageError):
@@ -331,6 +329,10 @@ class PhantomSegDataModule(PhantomRoot, SegmentationDataModule):
 
     def pool_dirs(self, root: Path) -> tuple[list[Path], Path]:
         return [root / c for c in PHANTOM_CLASSES], root / "masks"
+
+
+def _pair(pair: tuple[Path, Path]) -> tuple[Path, Path]:
+    return pair
 
 
 def _read_metadata(root: Path, name: str | None) -> dict[str, str] | None:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from medx import tracking
 from medx.errors import ConfigError
 from medx.evaluation import calibration, metrics, plots
+from medx.evaluation.tta import tta_logits
 from medx.models.load import update_card
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,10 @@ class ClinicalEvaluation(Callback):
         calibrate: str | None = "temperature",
         bootstrap: int = 1000,
         seed: int = 0,
+        tta: bool = False,
     ) -> None:
         self.calibrate = check_settings(target_sensitivity, calibrate)
+        self.tta = bool(tta)
         self.target_sensitivity, self.bootstrap, self.seed = target_sensitivity, bootstrap, seed
         self.metrics: dict[str, float] = {}
 
@@ -252,8 +255,8 @@ class ClinicalEvaluation(Callback):
             return
         dm = trainer.datamodule
         val, test = (
-            _predict(pl_module, dm.val_dataloader()),
-            _predict(pl_module, dm.test_dataloader()),
+            _predict(pl_module, dm.val_dataloader(), self.tta),
+            _predict(pl_module, dm.test_dataloader(), self.tta),
         )
         num_classes = test.logits.shape[1]
         class_names = list(getattr(dm, "classes", None) or map(str, range(num_classes)))
@@ -277,8 +280,13 @@ class ClinicalEvaluation(Callback):
         history = _history(trainer)
         if history:
             files.append(plots.training_curves(out_dir / "training_curves.png", history))
-        # The module already logged its own test/acc, test/auroc, ...: the same numbers, kept once.
-        new = {k: v for k, v in found.items() if k not in trainer.callback_metrics}
+        # The module already logged its own test/acc, test/auroc, ...: the same numbers, kept
+        # once; with TTA the callback's numbers are another model's and replace them.
+        new = (
+            found
+            if self.tta
+            else {k: v for k, v in found.items() if k not in trainer.callback_metrics}
+        )
         for logger in trainer.loggers:
             logger.log_metrics(new, step=trainer.global_step)
             logger.save()
@@ -287,25 +295,31 @@ class ClinicalEvaluation(Callback):
             for path in files:
                 logger.experiment.log_artifact(logger.run_id, str(path), ARTIFACT_DIR)
         self.metrics = found
-        _remember_choices(trainer, pl_module, found, self.target_sensitivity)
+        _remember_choices(trainer, pl_module, found, self.target_sensitivity, self.tta)
         lines = [f"{k} {v:.4f}" for k, v in sorted(found.items()) if math.isfinite(v)]
         log.info("Clinical evaluation in %s\n  %s", out_dir, "\n  ".join(lines))
 
 
 def _remember_choices(
-    trainer: L.Trainer, module: L.LightningModule, found: dict[str, float], target: float
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    found: dict[str, float],
+    target: float,
+    tta: bool,
 ) -> None:
     """The operating point and temperature chosen on validation go into the model card, and
-    into the tested checkpoint file (the one the run selected), so the model carries them."""
+    into the tested checkpoint file (the one the run selected), so the model carries them.
+    With TTA the operating point is TTA's own (`operating_point_tta`): a threshold chosen on
+    plain probabilities does not hold for averaged ones."""
     choices = {}
     if "test/threshold_at_op" in found:
-        choices["operating_point"] = {
+        choices["operating_point_tta" if tta else "operating_point"] = {
             "threshold": found["test/threshold_at_op"],
             "target_sensitivity": float(target),
             "chosen_on": "val",
-            "tta": False,
+            "tta": tta,
         }
-    if "test/temperature" in found:
+    if "test/temperature" in found and not tta:
         choices["calibration"] = {"temperature": found["test/temperature"], "fitted_on": "val"}
     card = getattr(module, "card", None)
     if not choices or card is None:
@@ -318,13 +332,15 @@ def _remember_choices(
 
 
 @torch.inference_mode()
-def _predict(module: L.LightningModule, loader: DataLoader) -> Predictions:
+def _predict(module: L.LightningModule, loader: DataLoader, tta: bool = False) -> Predictions:
+    """Logits of a split; with TTA the log of the views' mean probability."""
+    tta = tta and getattr(module, "inputs", "image") == "image"  # features have no views
     was_training = module.training
     module.eval()
     logits, labels = [], []
     for batch in loader:
-        x, y = batch[0], batch[1]
-        logits.append(module(x.to(module.device)).float().cpu())
+        x, y = batch[0].to(module.device), batch[1]
+        logits.append((tta_logits(module, x) if tta else module(x)).float().cpu())
         labels.append(torch.as_tensor(y))
     module.train(was_training)
     return Predictions(torch.cat(logits).double().numpy(), torch.cat(labels).long().numpy())

@@ -54,10 +54,12 @@ class Family:
 
 
 def _last_vgg_activation(net: nn.Module) -> str:
-    """The activation after VGG's last convolution (timm's VGG ends `features` in a pool)."""
-    convs = [i for i, m in enumerate(net.features) if isinstance(m, nn.Conv2d)]
-    after = convs[-1] + 1
-    return f"features.{after if after < len(net.features) else convs[-1]}"
+    """The output of VGG's last conv block (conv, [BatchNorm,] ReLU), before its final pool."""
+    layers = list(net.features)
+    last = max(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
+    while last + 1 < len(layers) and not isinstance(layers[last + 1], nn.MaxPool2d | nn.Conv2d):
+        last += 1
+    return f"features.{last}"
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -151,6 +153,11 @@ def grad_cam(
     chosen = target_layer(net, layer)
     if x.ndim != 4:
         raise ValueError(f"grad_cam takes a (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    if any(t.is_inference() for t in (*module.parameters(), *module.buffers())):
+        raise MedxError(
+            "Grad-CAM needs a model built outside torch.inference_mode (its weights are "
+            "inference tensors, which autograd cannot use): load it before entering that mode."
+        )
     params = [p for p in module.parameters() if p.requires_grad]
     training = module.training
     with torch.inference_mode(False), torch.enable_grad():
@@ -165,6 +172,11 @@ def grad_cam(
                 p.requires_grad_(False)
             maps = cam(input_tensor=inputs, targets=targets)
             logits = cam.outputs.detach()
+        except IndexError as err:  # a class index the logits do not have
+            raise ConfigError(
+                f"--gradcam-class {sorted(set(wanted or []))} is not a class of this model "
+                f"(it has {cam.outputs.shape[1]}: 0 to {cam.outputs.shape[1] - 1})"
+            ) from err
         finally:
             cam.activations_and_grads.release()
             for p in params:
@@ -181,6 +193,8 @@ def _per_image(classes: int | Sequence[int] | torch.Tensor | None, n: int) -> li
     wanted = [int(c) for c in torch.as_tensor(classes).reshape(-1)]
     if len(wanted) not in (1, n):
         raise ValueError(f"grad_cam got {len(wanted)} classes for {n} images; give 1 or {n}")
+    if min(wanted) < 0:
+        raise ConfigError(f"--gradcam-class {min(wanted)} is negative; classes count from 0")
     return wanted * n if len(wanted) == 1 else wanted
 
 

@@ -99,6 +99,14 @@ def test_monochrome1_with_a_window_is_inverted_after_the_window(
     np.testing.assert_array_equal(read_dicom(save(ds, tmp_path / "m1w.dcm")), gray)
 
 
+def test_signed_pixels_with_a_window_read_back(gray: np.ndarray, tmp_path: Path) -> None:
+    signed = (8 * gray.astype(np.int16) - 1024).astype(np.int16)  # PixelRepresentation 1
+    ds = dicom_dataset(signed, bits_stored=16)
+    ds.WindowCenter, ds.WindowWidth = -3.5, 2041  # -1024 is black, 1016 white
+    assert ds.PixelRepresentation == 1
+    np.testing.assert_array_equal(read_dicom(save(ds, tmp_path / "signed.dcm")), gray)
+
+
 def test_jpeg_baseline_decodes_like_opencv_decodes_the_same_jpeg(
     gray: np.ndarray, tmp_path: Path
 ) -> None:

@@ -15,7 +15,9 @@ from medx.data.phantom import (
     CLASSES,
     GENERATOR_VERSION,
     ensure_phantom,
+    phantom_images,
     render_phantom,
+    render_phantom_regions,
     sample_anatomy,
     write_phantom,
 )
@@ -132,3 +134,29 @@ def test_whole_image_mean_and_std_do_not_separate_the_classes(phantom: Path) -> 
         LogisticRegression(), features, labels, cv=5, method="predict_proba"
     )[:, 1]
     assert roc_auc_score(labels, scores) < 0.75  # the task needs looking inside the lungs
+
+
+def test_the_opacity_mask_is_where_the_opacities_brighten_the_image() -> None:
+    anatomy = sample_anatomy(np.random.default_rng(4))
+    image, lungs, opacity = render_phantom_regions(np.random.default_rng(5), 128, True, anatomy)
+    normal, _, none = render_phantom_regions(np.random.default_rng(5), 128, False, anatomy)
+
+    same = render_phantom(np.random.default_rng(5), 128, True, anatomy)
+    assert np.array_equal(same[0], image) and np.array_equal(same[1], lungs)  # same pixels
+    assert none.max() == 0  # negatives have no opacity
+    region = opacity > 0
+    assert set(np.unique(opacity)) == {0, 255} and 0.005 < region.mean() < 0.3
+    brighter = image.astype(int) - normal
+    assert brighter[region].mean() > 10 > 4 * brighter[~region].mean()
+    assert (region & (lungs > 0)).sum() > 0.8 * region.sum()  # drawn inside the lungs
+
+
+def test_phantom_images_are_the_files_write_phantom_writes(tmp_path: Path) -> None:
+    root = write_phantom(tmp_path, n_patients=4, size=64, seed=2)
+    items = list(phantom_images(n_patients=4, size=64, seed=2))
+
+    assert len(items) == len(images(root)) == 8
+    for item in items:
+        assert np.array_equal(cv2.imread(str(root / item.label / item.name), 0), item.image)
+        assert np.array_equal(cv2.imread(str(root / "masks" / item.name), 0), item.lungs)
+        assert (item.opacity.max() > 0) == (item.label == "OPACITY")

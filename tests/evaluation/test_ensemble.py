@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Run
 from omegaconf import OmegaConf, open_dict
+from sklearn.metrics import roc_auc_score
 
 from medx.errors import ConfigError
 from medx.eval import checkpoint_paths, evaluate, load_config
@@ -49,7 +50,6 @@ def test_an_ensemble_of_two_checkpoints_evaluates_their_mean_probability(
         eval_main([f"ckpt_path={ckpt}", "eval.bootstrap=50"])
     metrics = eval_main([f"ckpt_path=[{a},{b}]", "eval.bootstrap=50"])
 
-    assert 0.0 <= metrics["test/auroc"] <= 1.0
     evals = {
         r.data.tags["medx.checkpoint"]: r
         for r in tracked_runs()
@@ -70,6 +70,10 @@ def test_an_ensemble_of_two_checkpoints_evaluates_their_mean_probability(
     assert max(abs(x - y) for x, y in zip(p_a, p_b, strict=True)) > 1e-3  # two different models
     for row, x, y in zip(rows, p_a, p_b, strict=True):
         assert float(row["probability"]) == pytest.approx((x + y) / 2, abs=2e-6)
+    # the ensemble's AUROC is that of its mean probability (OPACITY is the positive class)
+    labels = [r["label"] == "OPACITY" for r in rows]
+    expected = roc_auc_score(labels, [float(r["probability"]) for r in rows])
+    assert metrics["test/auroc"] == pytest.approx(expected, abs=1e-3)
 
     # a member trained on another split (its run's data.seed) is refused, naming both files
     other = tmp_path / "c"

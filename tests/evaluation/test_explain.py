@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -45,7 +46,8 @@ def phantom_positives(n: int, size: int) -> tuple[torch.Tensor, list[np.ndarray]
 
 def mean_share(cams: np.ndarray, regions: list[np.ndarray]) -> float:
     """Mean share of CAM mass inside the regions; an all-zero CAM points nowhere (0)."""
-    return float(np.mean([np.nan_to_num(mass_inside(c, r)) for c, r in zip(cams, regions)]))
+    shares = [mass_inside(c, r) for c, r in zip(cams, regions, strict=True)]
+    return float(np.mean(np.nan_to_num(shares)))
 
 
 @pytest.mark.slow
@@ -66,8 +68,9 @@ def test_trained_models_cam_falls_on_the_opacities_and_a_random_models_does_not(
     x, regions = phantom_positives(32, size)
     area = float(np.mean([r.mean() for r in regions]))
 
+    model = load(best)
     with torch.inference_mode():  # as in a predict loop: grad_cam leaves it for the backward
-        trained = grad_cam(load(best), x, classes=1)
+        trained = grad_cam(model, x, classes=1)
     randomised = grad_cam(tiny(seed=0), x, classes=1)
 
     assert trained.cams.shape == (32, size, size)
@@ -76,21 +79,38 @@ def test_trained_models_cam_falls_on_the_opacities_and_a_random_models_does_not(
     assert mean_share(trained.cams, regions) > mean_share(randomised.cams, regions) + 0.02
 
 
+class Classifier(torch.nn.Module):
+    """A bare timm network as a medx module: `net` inside, class logits out."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 FAMILIES = [
-    ("test_resnet", 64, "layer4"),
-    ("resnet18", 64, "layer4"),
-    ("densenet121", 64, "features.norm5"),
-    ("vgg11", 64, "features.19"),  # the ReLU after the last conv (vgg16's is features.29)
-    ("efficientnet_b0", 64, "bn2"),
-    ("convnext_atto", 64, "stages.3"),
-    ("vit_tiny_patch16_224", 224, "blocks.11.norm1"),
-    ("swin_tiny_patch4_window7_224", 224, "layers.3"),
+    ("test_resnet", 64, "layer4", {}),
+    ("resnet18", 64, "layer4", {}),
+    ("densenet121", 64, "features.norm5", {}),
+    ("vgg11", 64, "features.19", {"mlp_ratio": 1 / 16}),  # a small head: builds in 0.1 s
+    ("vgg11_bn", 64, "features.27", {"mlp_ratio": 1 / 16}),  # conv, BN, ReLU: the ReLU
+    ("efficientnet_b0", 64, "bn2", {}),
+    ("convnext_atto", 64, "stages.3", {}),
+    ("vit_tiny_patch16_224", 224, "blocks.11.norm1", {}),
+    ("swin_tiny_patch4_window7_224", 224, "layers.3", {}),
 ]
 
 
-@pytest.mark.parametrize(("backbone", "size", "layer"), FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_each_family_gets_a_spatial_cam_at_the_input_size(backbone: str, size: int, layer: str):
-    module = tiny(backbone)
+@pytest.mark.parametrize(
+    ("backbone", "size", "layer", "kwargs"), FAMILIES, ids=[f[0] for f in FAMILIES]
+)
+def test_each_family_gets_a_spatial_cam_at_the_input_size(
+    backbone: str, size: int, layer: str, kwargs: dict
+):
+    torch.manual_seed(0)
+    module = Classifier(timm.create_model(backbone, num_classes=2, **kwargs)).eval()
     x = images(2, size)
 
     explained = grad_cam(module, x)
@@ -106,6 +126,14 @@ def test_each_family_gets_a_spatial_cam_at_the_input_size(backbone: str, size: i
     assert explained.classes.tolist() == expected.argmax(1).tolist()
 
 
+def test_a_medx_classifier_is_explained_through_its_normalisation():
+    module, x = tiny(), images(2)
+    explained = grad_cam(module, x)
+    with torch.no_grad():
+        torch.testing.assert_close(explained.logits, module(x))
+    assert explained.layer == "layer4" and explained.cams.shape == (2, 64, 64)
+
+
 def test_non_square_inputs_keep_height_and_width():
     explained = grad_cam(tiny(), images(1, 96)[..., :64, :])
     assert explained.cams.shape == (1, 64, 96)
@@ -115,7 +143,7 @@ def test_a_layer_can_be_named_and_a_wrong_name_is_a_config_error():
     module, x = tiny(), images(2)
     assert grad_cam(module, x, layer="layer3").layer == "layer3"
     assert grad_cam(module, x, layer="net.layer2").layer == "layer2"  # the module's own path
-    with pytest.raises(ConfigError, match="'layer9'.*layer4"):
+    with pytest.raises(ConfigError, match=r"'layer9'.*layer4"):
         grad_cam(module, x, layer="layer9")
 
 
@@ -132,6 +160,10 @@ def test_the_class_explained_is_the_predicted_one_unless_given():
     assert one_for_all.classes.tolist() == [other[0]] * 3
     with pytest.raises(ValueError, match="2 classes for 3 images"):
         grad_cam(module, x, classes=[0, 1])
+    for wrong in (2, -1):
+        with pytest.raises(ConfigError, match=f"--gradcam-class.*{wrong}"):
+            grad_cam(module, x, classes=wrong)
+    assert not module.net.layer4._forward_hooks  # no call, failed or not, leaves its hooks
 
 
 def test_a_frozen_backbone_explains_like_the_same_weights_unfrozen():
@@ -150,13 +182,15 @@ def test_a_frozen_backbone_explains_like_the_same_weights_unfrozen():
 
 
 def test_runs_inside_no_grad_inference_mode_and_lightnings_predict_loop(tmp_path: Path):
-    x = images(4)
-    reference = grad_cam(tiny(), x).cams
+    x, module = images(4), tiny()
+    reference = grad_cam(module, x).cams
     with torch.no_grad():
-        np.testing.assert_allclose(grad_cam(tiny(), x).cams, reference, atol=1e-6)
+        np.testing.assert_allclose(grad_cam(module, x).cams, reference, atol=1e-6)
     with torch.inference_mode():
         inference_x = x.clone()  # an inference tensor: autograd refuses to save it as is
-        np.testing.assert_allclose(grad_cam(tiny(), inference_x).cams, reference, atol=1e-6)
+        np.testing.assert_allclose(grad_cam(module, inference_x).cams, reference, atol=1e-6)
+        with pytest.raises(MedxError, match=r"outside torch\.inference_mode"):
+            grad_cam(tiny(), x)  # built in inference mode: its weights are inference tensors
 
     class Explaining(ClassificationModule):
         def predict_step(self, batch, batch_idx):

@@ -50,10 +50,21 @@ def test_focal_with_gamma_0_is_torch_cross_entropy(weight, smoothing):
 )
 def test_every_loss_choice_builds_from_config_with_class_weights(choice: str):
     factory = instantiate(compose([f"loss={choice}"]).loss)
-    loss = factory(num_classes=2, class_weight=inverse_frequency_weights([30, 10]))
+    weight = inverse_frequency_weights([30, 10])  # [0.5, 1.5]
+    loss = factory(num_classes=2, class_weight=weight)
     logits, y = _batch(classes=2)
 
-    assert loss(logits, y).item() > 0
+    log_p = F.log_softmax(logits, dim=1).gather(1, y[:, None])[:, 0]  # log p(true class)
+    expected = {
+        "cross_entropy": F.cross_entropy(logits, y, weight=weight),
+        # -Σ α_y (1 - p_y)^γ log p_y / Σ α_y, γ = 2
+        "focal": -(weight[y] * (1 - log_p.exp()) ** 2 * log_p).sum() / weight[y].sum(),
+        "bce": F.binary_cross_entropy_with_logits(
+            logits[:, 1] - logits[:, 0], y.float(), pos_weight=torch.tensor(30 / 10)
+        ),
+    }
+    assert choice in expected, f"loss={choice}: add its formula here"
+    assert loss(logits, y).item() == pytest.approx(expected[choice].item(), rel=1e-5)
 
 
 def test_focal_down_weights_easy_examples_more_than_hard_ones():
@@ -108,7 +119,8 @@ def test_bce_run_trains_one_logit_and_its_checkpoint_evaluates(make_cfg, tracked
     model = ClassificationModule.load_from_checkpoint(best)
     assert model.net.get_classifier().out_features == 1
     assert isinstance(model.criterion, BinaryCrossEntropy)
-    assert model.criterion.pos_weight is not None
+    counts = [int(run.data.params[f"dataset.counts.train.{c}"]) for c in ("NORMAL", "OPACITY")]
+    assert model.criterion.pos_weight.item() == pytest.approx(counts[0] / counts[1])  # n_neg/n_pos
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 2)  # [0, z]: two-class logits
 
     again = eval_main([f"ckpt_path={best}"])
@@ -141,7 +153,9 @@ def test_mixup_trains_on_soft_smoothed_targets(make_cfg, choice: str):
     assert torch.allclose(target.sum(dim=1), torch.ones(len(target)))
     assert target.min() >= 0.05 - 1e-6  # ε / C from loss.label_smoothing
     assert not torch.equal(mixed_x, x[: len(mixed_x)])
-    assert torch.isfinite(model.criterion(model(mixed_x), target))
+    logits = model(mixed_x)
+    expected = F.cross_entropy(logits, target)  # soft targets: no second smoothing, no weights
+    assert model.criterion(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 class _EpochLR(L.Callback):
