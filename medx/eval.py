@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import tracking
+from medx import schema, tracking
 from medx.cli import user_errors
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
@@ -160,6 +160,7 @@ def evaluate(
 
     Further members are checked against their own run configs, with the same `overrides`.
     """
+    schema.check(cfg)  # an override out of range (eval.bootstrap=-1) named before the run opens
     ckpts = [ckpt_path] if isinstance(ckpt_path, Path) else [Path(p) for p in ckpt_path]
     members = [(ckpts[0], cfg)] + [(c, load_config(c, list(overrides))) for c in ckpts[1:]]
     for other, other_cfg in members[1:]:

@@ -204,6 +204,33 @@ def _on_scale(threshold: float, temperature: float) -> float:
     return 1.0 / (1.0 + math.exp(-z / temperature))
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How to read a classifier, from its card: class names, input size, temperature, the
+    decision rule (binary models) and the id that names the model in every output. Shared by
+    `medx.predict` and `medx.serve`, so both give the same answer for the same image."""
+
+    classes: list[str]
+    size: int
+    temperature: float
+    decide: Decision | None
+    model_id: str
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, options: Options) -> Reading:
+        card = model.card
+        classes = card.get("class_names") or [str(i) for i in range(model.hparams.num_classes)]
+        temperature = float((card.get("calibration") or {}).get("temperature", 1.0))
+        temperature = temperature if options.calibrated else 1.0
+        return cls(
+            classes=list(classes),
+            size=int((card.get("input") or {}).get("image_size") or 224),
+            temperature=temperature,
+            decide=Decision(card, options, temperature) if len(classes) == 2 else None,
+            model_id=_model_id(card, model),
+        )
+
+
 def classify(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -225,23 +252,22 @@ def predict_classifier(
     model: torch.nn.Module, paths: Sequence[Path], out_dir: Path | None, options: Options
 ) -> list[dict[str, Any]]:
     """One row per file (see the module docstring); writes predictions.csv under out_dir."""
-    card = model.card
-    classes = list(card.get("class_names") or [str(i) for i in range(model.hparams.num_classes)])
-    size = int((card.get("input") or {}).get("image_size") or 224)
-    temperature = float((card.get("calibration") or {}).get("temperature", 1.0))
-    temperature = temperature if options.calibrated else 1.0
-    binary = len(classes) == 2
-    decide = Decision(card, options, temperature) if binary else None
+    reading = Reading.of(model, options)
+    classes, size, temperature = reading.classes, reading.size, reading.temperature
+    decide, model_id = reading.decide, reading.model_id
     gate = QualityGate(options) if options.qc else None
     lungs = load(options.lungs) if options.lungs else None
     explain_class = _class_index(options.gradcam_class, classes)
     rows: list[dict[str, Any]] = []
     writer = _CsvRows(out_dir / "predictions.csv") if out_dir else None
-    model_id = _model_id(card, model)
     stream = batches(paths, size, options.max_pixels, options.batch_size, options.workers)
     for x, index, errors in _progress(stream, len(paths), options):
         probs = classify(model, x, temperature, options.tta)
-        cams = _cams(model, x, options, explain_class) if options.gradcam or lungs else None
+        if options.gradcam or lungs:  # the class reported (TTA's too) is the one explained
+            wanted = probs.argmax(1) if explain_class is None else explain_class
+            cams = _cams(model, x, options, wanted)
+        else:
+            cams = None
         for j, i in enumerate(index):
             row = _row(paths[i], errors[j], probs[j], classes, decide, model_id, temperature)
             if not errors[j]:
@@ -348,11 +374,11 @@ def _class_index(name: str | None, classes: list[str]) -> int | None:
 
 
 def _cams(
-    model: torch.nn.Module, x: torch.Tensor, options: Options, explain_class: int | None
+    model: torch.nn.Module, x: torch.Tensor, options: Options, classes: int | torch.Tensor
 ) -> np.ndarray:
     from medx.evaluation.explain import grad_cam
 
-    return grad_cam(model, x, explain_class, options.gradcam_layer).cams
+    return grad_cam(model, x, classes, options.gradcam_layer).cams
 
 
 def _explain(

@@ -13,7 +13,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import resume, tracking
+from medx import resume, schema, tracking
 from medx.cli import user_errors
 from medx.config import config_dir
 from medx.errors import ConfigError
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment from a composed config; return the final metrics."""
+    schema.check(cfg)  # bad values named now, before seeding or opening the MLflow run
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)

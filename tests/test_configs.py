@@ -396,7 +396,7 @@ def test_callbacks_choice_builds_those_callbacks(choice: str, tmp_path: Path):
         assert get_class(cfg.callbacks[key]._target_) is type(callback), key
     checkpoint, stopping = built["model_checkpoint"], built["early_stopping"]
     assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k) == ("val/auroc", "max", 1)
-    assert checkpoint.save_last and checkpoint.dirpath == str(tmp_path / "checkpoints")
+    assert checkpoint.dirpath == str(tmp_path / "checkpoints")
     assert (stopping.monitor, stopping.mode, stopping.patience) == ("val/auroc", "max", 5)
     clinical = built["clinical_evaluation"]
     assert clinical.target_sensitivity == cfg.eval.target_sensitivity

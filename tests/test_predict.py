@@ -171,3 +171,23 @@ def test_quality_gate_flags_degraded_copies_and_tta_uses_its_own_threshold(
     plain, averaged = classify(model, x, 1.0, tta=False), classify(model, x, 1.0, tta=True)
     assert not torch.equal(plain, averaged)  # the views were really applied
     assert torch.allclose(averaged.sum(1), torch.ones(len(x)))  # a mean of probabilities
+
+
+def test_eval_tta_chooses_the_operating_point_that_predict_tta_uses(
+    make_cfg, tracked_runs, phantom_cache: Path, tmp_path: Path, caplog
+):
+    ckpt = _train(make_cfg, tmp_path / "run", "eval.tta=true", "eval.bootstrap=20")
+    (run,) = tracked_runs()
+    card = load(ckpt).card
+    assert card["operating_point_tta"]["tta"] is True
+    assert card["operating_point_tta"]["threshold"] == run.data.metrics["test/threshold_at_op"]
+    assert "operating_point" not in card  # a plain threshold was not chosen: none is claimed
+    image = next(phantom_cache.rglob("*.png"))  # a phantom chest X-ray
+
+    caplog.clear()
+    (row,) = predict_main([str(ckpt), str(image), "--tta", "--workers", "0"])
+
+    assert "with TTA" in row["threshold_source"]
+    assert "no operating point chosen on validation with TTA" not in caplog.text
+    (plain,) = predict_main([str(ckpt), str(image), "--workers", "0"])
+    assert "decision" not in plain  # no plain operating point: no decision is made up

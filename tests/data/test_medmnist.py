@@ -106,3 +106,26 @@ def test_a_short_run_on_pneumoniamnist(make_cfg, npz: Path, tmp_path: Path, trac
     (run,) = tracked_runs()
     assert run.data.params["dataset.counts.test.normal"] == "234"
     assert run.data.params["data.flag"] == "pneumoniamnist"
+    # the real file repeats 8 training images in val (found by pixel digest, logged as params)
+    assert run.data.params["dataset.duplicates.val"] == "8"
+
+
+def test_images_repeated_across_official_splits_are_counted_or_dropped(
+    npz: Path, tmp_path: Path
+) -> None:
+    with np.load(npz) as raw:
+        arrays = {k: raw[k].copy() for k in raw.files}
+    arrays["test_images"][0] = arrays["train_images"][5]  # one more leak, into test
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
+
+    warned = MedMNISTDataModule(root=tmp_path)
+    warned.setup()
+    found = warned.summary()["dataset.duplicates"]
+    assert (found["groups"], found["val"], found["test"], found["dropped"]) == (9, 8, 1, 0)
+
+    dropped = MedMNISTDataModule(root=tmp_path, duplicates="drop")
+    dropped.setup()
+    assert len(dropped.splits["val"].labels) == 524 - 8
+    assert len(dropped.splits["test"].labels) == 624 - 1
+    assert len(dropped.splits["train"].labels) == 4708
+    assert not (dropped.splits["test"].images[0] == arrays["train_images"][5]).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import cv2
@@ -102,9 +103,9 @@ def test_missing_mask_names_the_image(tmp_path: Path):
 
 def test_mask_of_another_size_names_both_files(tmp_path: Path):
     root = _pair_folder(tmp_path / "pairs")
-    cv2.imwrite(str(root / "masks" / "img04.png"), np.zeros((10, 10), np.uint8))
+    cv2.imwrite(str(root / "masks" / "img04.png"), np.zeros((20, 20), np.uint8))
 
-    with pytest.raises(BadImageError, match=r"Mask .*img04\.png is 10x10 px but its image"):
+    with pytest.raises(BadImageError, match=r"Mask .*img04\.png is 20x20 px but its image"):
         _module(root).setup()
 
 
@@ -177,3 +178,44 @@ def test_a_missing_val_folder_is_carved_from_train_only(medx_data: Path, tmp_pat
     assert names["test"] == given["test"]
     assert names["val"] and names["train"] | names["val"] == given["train"]
     assert not set(dm.splits["train"].patients) & set(dm.splits["val"].patients)
+
+
+def test_metadata_csv_with_a_utf8_bom_is_read(tmp_path: Path):
+    root = _pair_folder(tmp_path / "pairs")
+    table = root / "metadata.csv"
+    table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())  # as Excel saves "CSV UTF-8"
+
+    dm = _module(root)
+    dm.setup()
+
+    patients = {p for s in dm.splits.values() for p in s.patients}
+    assert patients == {f"patient:{i}" for i in range(6)}
+
+
+def test_real_corrupt_jpeg_and_duplicates_across_splits(medx_data: Path, tmp_path: Path):
+    given = _real_split_layout(
+        medx_data / "lung_seg", tmp_path / "split", {"train": 6, "val": 2, "test": 3}
+    )
+    root = tmp_path / "split"
+    train_image = sorted((root / "train" / "images").iterdir())[0]
+    copy = root / "test" / "images" / f"copy_{train_image.name}"
+    shutil.copy(train_image, copy)
+    shutil.copy(
+        root / "train" / "masks" / f"{train_image.stem}.png",
+        root / "test" / "masks" / f"{copy.stem}.png",
+    )
+
+    dm = _module(root, duplicates="drop")
+    dm.setup()
+    assert dm.summary()["dataset.duplicates"]["test"] == 1
+    assert {p.name for p in dm.splits["test"].images} == given["test"]
+    assert len(dm.arrays["test"][0]) == len(dm.arrays["test"][1]) == 3
+
+    jpeg = next(p for p in sorted(root.glob("*/images/*")) if p.suffix in (".jpg", ".jpeg"))
+    data = bytearray(jpeg.read_bytes())
+    jpeg.unlink()  # a link into $MEDX_DATA: replace it, never write through it
+    mid = len(data) // 2
+    data[mid - 1000 : mid + 1000] = bytes(2000)
+    jpeg.write_bytes(data)
+    with pytest.raises(BadImageError, match=rf"{jpeg.name} is corrupt.*Corrupt JPEG data"):
+        _module(root).setup()

@@ -166,11 +166,16 @@ def test_too_few_patients_is_a_config_error_saying_how_many() -> None:
         split_by_patient(labels, patients, {"val": 0.1}, seed=0)
 
 
-def test_rare_class_is_a_config_error() -> None:
+def test_rare_class_is_a_config_error_naming_the_class() -> None:
     labels, patients = small_pool(100)
     labels[patients == "p1"] = 2  # class 2: one patient, cannot be in both train and val
     with pytest.raises(ConfigError, match="class 2 has only 1"):
         split_by_patient(labels, patients, {"val": 0.2}, seed=0)
+    names = ["NORMAL", "PNEUMONIA", "COVID"]
+    with pytest.raises(ConfigError, match="class COVID has only 1"):
+        split_by_patient(labels, patients, {"val": 0.2}, seed=0, class_names=names)
+    with pytest.raises(ConfigError, match="class COVID has only 1"):
+        kfold_by_patient(labels, patients, n_folds=3, fold=0, seed=0, class_names=names)
 
 
 def test_kfold_needs_as_many_patients_as_folds() -> None:

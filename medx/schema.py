@@ -1,0 +1,142 @@
+"""The allowed values of medx's own config keys, checked as soon as the config is composed.
+
+A bad value (`data.image_size=0`, `seed=abc`, `trainer.max_epochs=0`) would otherwise surface
+as a library traceback deep in torchvision or Lightning, after the MLflow run was opened, or
+blame another key. `check(cfg)` reads the table below and raises one `ConfigError` naming
+every bad key and its allowed range. Keys a config does not have (another data family, another
+optimizer) are skipped; cross-key rules that need built objects stay where they are built
+(e.g. `scheduler.warmup_epochs` below `trainer.max_epochs` in medx/models/schedulers.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from medx.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An integer or a number within [low, high] (open at a bound marked `*_open`), or null."""
+
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, Real):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        text = f"{kind} {' and '.join(bounds)}".rstrip()
+        return f"{text}, or null" if self.nullable else text
+
+
+def integer(low: int | None = None, high: int | None = None, nullable: bool = False) -> Rule:
+    return Rule(integer=True, low=low, high=high, nullable=nullable)
+
+
+def positive() -> Rule:
+    return Rule(low=0, low_open=True)
+
+
+def fraction(high_open: bool = True) -> Rule:
+    """[0, 1) by default: a share that must leave something over."""
+    return Rule(low=0, high=1, high_open=high_open)
+
+
+RULES: dict[str, Rule] = {
+    "seed": integer(nullable=True),
+    "data.image_size": integer(low=1),
+    "data.batch_size": integer(low=1),
+    "data.num_workers": integer(low=0),
+    "data.val_from_train": fraction(),
+    "data.test_from_train": fraction(),
+    "data.folds": integer(low=1),
+    "data.fold": integer(low=0),  # and below data.folds: see _cross_checks
+    "data.n_patients": integer(low=1),
+    "data.images_per_patient": integer(low=1),
+    "data.prevalence": fraction(high_open=False),
+    "optimizer.lr": positive(),
+    "optimizer.weight_decay": Rule(low=0),
+    "optimizer.momentum": fraction(),
+    "scheduler.warmup_epochs": integer(low=0),
+    "trainer.max_epochs": integer(low=1),
+    "trainer.min_epochs": integer(low=0, nullable=True),
+    "trainer.log_every_n_steps": integer(low=1),
+    "trainer.gradient_clip_val": Rule(low=0, nullable=True),
+    "trainer.accumulate_grad_batches": integer(low=1),
+    "strategy.unfreeze_last": integer(low=0, nullable=True),
+    "strategy.backbone_lr_scale": positive(),
+    "strategy.head_epochs": integer(low=0),
+    "loss.label_smoothing": fraction(),
+    "loss.gamma": Rule(low=0),
+    "mixup.prob": fraction(high_open=False),
+    "mixup.mixup_alpha": Rule(low=0),
+    "mixup.cutmix_alpha": Rule(low=0),
+    "model.drop_rate": fraction(),
+    "eval.bootstrap": integer(low=0),
+    "eval.target_sensitivity": Rule(low=0, high=1, low_open=True),
+    "callbacks.early_stopping.patience": integer(low=0),
+    "callbacks.model_checkpoint.save_top_k": integer(low=-1),
+    "callbacks.model_checkpoint.every_n_train_steps": integer(low=1, nullable=True),
+}
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise one ConfigError naming each key of RULES whose value is outside its range."""
+    problems = []
+    for key, rule in RULES.items():
+        found, value = _select(cfg, key)
+        if found and not rule.accepts(value):
+            problems.append(f"{key}={_show(value)} must be {rule.describe()}")
+    problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems) + ". Fix the override or the config file.")
+
+
+def _cross_checks(cfg: DictConfig) -> list[str]:
+    found, folds = _select(cfg, "data.folds")
+    has_fold, fold = _select(cfg, "data.fold")
+    valid = RULES["data.folds"].accepts(folds) and RULES["data.fold"].accepts(fold)
+    if found and has_fold and valid and fold >= folds:
+        return [f"data.fold={fold} must be below data.folds={folds} (folds count from 0)"]
+    return []
+
+
+def _select(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    """(whether the config has `key`, its resolved value)."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        return False, None
+    if OmegaConf.is_missing(parent, leaf):
+        return False, None  # `???`: the owner of that key says what to give
+    return True, parent[leaf]
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value) if not isinstance(value, str) else repr(value)

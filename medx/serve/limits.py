@@ -1,0 +1,151 @@
+"""What the service refuses, and how early: before a byte is stored where possible.
+
+- A missing or wrong bearer token: 401, before the body is read (an unauthenticated client
+  cannot make the service store an upload).
+- A body over `max_bytes`: 413 at once when its Content-Length says so; otherwise (chunked,
+  or a client that lies) when the count of bytes received passes the limit, while it streams:
+  the rest is never read, and the connection is closed.
+- A type other than JPEG, PNG or DICOM: 415, told from the file's first bytes, never from
+  its name or the Content-Type a client claims.
+
+`Guard` is plain ASGI middleware around the whole app, so it sees the request before any
+form parsing (Starlette's multipart parser spools uploads to disk as they arrive) and counts
+exactly what the parser is handed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from medx.errors import MedxError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Paths anyone may call: probes, and the API's description (no data, no model card).
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+SNIFF_BYTES = 132  # DICOM's "DICM" marker sits at bytes 128..131
+ACCEPTED = "JPEG, PNG or DICOM (Part 10, with its DICM marker)"
+
+
+class Refused(MedxError):
+    """A request the service will not serve: the HTTP status and a message a person can act on.
+
+    `close`: end the connection after answering (the rest of a refused upload is not read).
+    """
+
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, close: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.headers = dict(headers or {})
+        if close:
+            self.headers["Connection"] = "close"
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """Every error the service answers: {"status", "error" (the reason phrase), "message"}."""
+    return {"status": status, "error": HTTPStatus(status).phrase, "message": message}
+
+
+def error_response(err: Refused) -> JSONResponse:
+    return JSONResponse(error_body(err.status, err.message), err.status, err.headers)
+
+
+def sniff(head: bytes) -> str | None:
+    """'jpeg', 'png' or 'dicom' from a file's first SNIFF_BYTES bytes; None for anything else."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def unsupported_type(name: str, head: bytes) -> Refused:
+    shown = head[:8].hex(" ") if head else "nothing"
+    return Refused(
+        415,
+        f"Upload {name!r} is not a {ACCEPTED} file (its first bytes are {shown}; the file "
+        "name and Content-Type are not trusted). Send the image itself in one of these "
+        "formats, converting it first if needed.",
+    )
+
+
+def too_large(max_bytes: int, declared: int | None = None) -> Refused:
+    said = f" (Content-Length {declared / 1e6:.1f} MB)" if declared is not None else ""
+    return Refused(
+        413,
+        f"The upload is over the service's limit of {max_bytes / 1e6:.1f} MB{said} and was "
+        "not read. Send a smaller file (compress it, or export the image at a lower "
+        "resolution), or ask the operator to raise --max-bytes.",
+        close=True,
+    )
+
+
+class Guard:
+    """ASGI middleware: the bearer token, then the body size (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, token: str | None = None) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])  # lower-case names; the last of repeated ones
+        refusal = self._authorise(scope, headers) or self._declared_size(headers)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        await self.app(scope, self._counting(receive), send)
+
+    def _authorise(self, scope: Scope, headers: dict[bytes, bytes]) -> Refused | None:
+        if self.expected is None or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return None
+        given = headers.get(b"authorization")
+        if given is not None and secrets.compare_digest(given, self.expected):
+            return None
+        problem = "no Authorization header" if given is None else "a wrong token"
+        return Refused(
+            401,
+            f"This service needs a bearer token and the request had {problem}. Send the "
+            "header 'Authorization: Bearer <token>' with the token the operator gave you.",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+    def _declared_size(self, headers: dict[bytes, bytes]) -> Refused | None:
+        declared = headers.get(b"content-length")
+        if declared is None:
+            return None
+        try:
+            length = int(declared)
+        except ValueError:
+            return Refused(400, f"Content-Length {declared!r} is not a number.", close=True)
+        return too_large(self.max_bytes, length) if length > self.max_bytes else None
+
+    def _counting(self, receive: Receive) -> Receive:
+        """`receive` that raises Refused(413) once the body passes max_bytes."""
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large(self.max_bytes)
+            return message
+
+        return counted

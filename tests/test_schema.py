@@ -1,0 +1,72 @@
+"""Config values out of range are named, with their allowed range, before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medx.config import compose, config_dir
+from medx.errors import ConfigError
+from medx.schema import check
+from medx.train import train
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.image_size=0", "data.image_size=0 must be an integer >= 1"),
+        ("data.image_size=-1", "data.image_size=-1 must be an integer >= 1"),
+        ("data.image_size=64.5", "data.image_size=64.5 must be an integer >= 1"),
+        ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+        ("seed=abc", "seed='abc' must be an integer, or null"),
+        ("seed=true", "seed=True must be an integer, or null"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 must be a number > 0"),
+        ("optimizer.lr=0", "optimizer.lr=0 must be a number > 0"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be an integer >= 1"),
+        ("eval.bootstrap=-5", "eval.bootstrap=-5 must be an integer >= 0"),
+        ("eval.target_sensitivity=1.5", "eval.target_sensitivity=1.5 must be a number > 0"),
+        ("data.val_from_train=1", "data.val_from_train=1 must be a number >= 0 and < 1"),
+        ("data.fold=2", "data.fold=2 must be below data.folds=1"),
+        (
+            "callbacks.model_checkpoint.every_n_train_steps=0",
+            "every_n_train_steps=0 must be an integer >= 1, or null",
+        ),
+    ],
+)
+def test_a_value_out_of_range_is_named_with_its_range(override: str, message: str):
+    with pytest.raises(ConfigError) as raised:
+        check(compose([override]))
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("override", ["data.image_size=0", "trainer.max_epochs=0"])
+def test_train_names_the_value_before_the_mlflow_run_opens(make_cfg, tracked_runs, override):
+    with pytest.raises(ConfigError) as raised:
+        train(make_cfg(override, "scheduler.warmup_epochs=0"))
+    assert str(raised.value).startswith(override)
+    assert "warmup" not in str(raised.value)  # max_epochs=0 used to blame the warmup
+    assert tracked_runs() == []  # no MLflow run opened (and none left RUNNING or FAILED)
+
+
+def test_every_bad_value_is_named_in_one_message():
+    cfg = compose(["data.batch_size=0", "optimizer.lr=-1", "seed=abc"])
+    with pytest.raises(ConfigError) as raised:
+        check(cfg)
+    text = str(raised.value)
+    assert all(k in text for k in ("data.batch_size=0", "optimizer.lr=-1", "seed='abc'"))
+
+
+@pytest.mark.parametrize("override", ["seed=0", "seed=null", "trainer.gradient_clip_val=null"])
+def test_edge_values_that_are_valid_pass(override: str):
+    check(compose([override]))
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_shipped_experiment_passes_the_schema(experiment: str):
+    check(compose([f"experiment={experiment}"]))
