@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +19,9 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
+from medx import store
 from medx.errors import MedxError
 from medx.sweep import PARENT_TAG, SWEEP_TAG
 
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 
 PARAMS = ("model.backbone", "data.name", "strategy.name")
 METRICS = ("test/auroc", "test/acc", "test/f1", "test/sensitivity", "test/specificity")
-
-
-def default_tracking_uri() -> str:
-    """The store medx.train logs to: $MLFLOW_TRACKING_URI, else mlflow.db in $MEDX_HOME or ."""
-    home = Path(os.environ.get("MEDX_HOME", ".")).resolve()
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
 
 
 def ranked_runs(
@@ -44,16 +39,36 @@ def ranked_runs(
     filter_string: str = "",
     ascending: bool = False,
 ) -> pd.DataFrame:
-    """One row per run (name, key params, key metrics with CIs), best `metric` first."""
+    """One row per run (name, key params, key metrics with CIs), best `metric` first.
+
+    Nothing to compare is an error naming what matched nothing (the experiment, `--parent`,
+    `--filter`, `--metric`), not an empty table and exit status 0.
+    """
+    uri = client.tracking_uri
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise MedxError(f"No MLflow experiment {experiment!r} in {client.tracking_uri}.")
+        names = sorted(e.name for e in client.search_experiments())
+        raise MedxError(
+            f"No MLflow experiment {experiment!r} in {uri}; it has: {', '.join(names) or 'none'}."
+        )
+    if parent:
+        _check_parent(client, parent)
     filters = [f for f in (filter_string, parent and f"tags.`{PARENT_TAG}` = '{parent}'") if f]
     runs = client.search_runs([found.experiment_id], filter_string=" and ".join(filters))
+    runs = [r for r in runs if r.data.tags.get(SWEEP_TAG) != "parent"]
+    if not runs:
+        given = [f"--parent {parent}"] if parent else []
+        given += [f"--filter {filter_string!r}"] if filter_string else []
+        matching = f" matching {' and '.join(given)}" if given else ""
+        raise MedxError(f"No runs in MLflow experiment {experiment!r} ({uri}){matching}.")
+    if not any(metric in r.data.metrics for r in runs):
+        logged = sorted({k for r in runs for k in r.data.metrics if "_ci_" not in k})
+        raise MedxError(
+            f"--metric {metric}: none of the {len(runs)} runs logged it; they logged "
+            f"{', '.join(logged[:20]) or 'no metrics'}{' ...' if len(logged) > 20 else ''}."
+        )
     rows = []
     for run in runs:
-        if run.data.tags.get(SWEEP_TAG) == "parent":
-            continue
         row = {"run_name": run.info.run_name, "run_id": run.info.run_id}
         row.update({p: run.data.params.get(p) for p in PARAMS})
         for name in dict.fromkeys((metric, *METRICS)):
@@ -61,12 +76,27 @@ def ranked_runs(
                 if key in run.data.metrics:
                     row[key] = run.data.metrics[key]
         rows.append(row)
-    columns = ["run_name", "run_id", *PARAMS, metric]
-    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
-    if metric in table:
-        table = table.sort_values(metric, ascending=ascending, na_position="last")
+    table = pd.DataFrame(rows).sort_values(metric, ascending=ascending, na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
+
+
+def _check_parent(client: MlflowClient, parent: str) -> None:
+    """`--parent` must name a run of this store, and a sweep parent at that."""
+    try:
+        run = client.get_run(parent)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise MedxError(
+            f"--parent {parent}: no such run in {client.tracking_uri}; give the run id of a "
+            "sweep's parent run (tag medx.sweep=parent, named sweep-<date>-<time>)."
+        ) from err
+    if run.data.tags.get(SWEEP_TAG) != "parent":
+        raise MedxError(
+            f"--parent {parent}: run {run.info.run_name!r} is not a sweep's parent run (tag "
+            f"{SWEEP_TAG}=parent); give the id of the sweep-<date>-<time> run of your -m sweep."
+        )
 
 
 def bar_chart(table: pd.DataFrame, metric: str, path: Path) -> Path:
@@ -104,17 +134,28 @@ def main(argv: list[str] | None = None) -> None:
         help="MLflow search filter, e.g. \"params.model.backbone = 'resnet18'\"",
     )
     parser.add_argument("--out", type=Path, help="write compare.csv and compare.png here")
-    parser.add_argument("--tracking-uri", default=default_tracking_uri())
+    parser.add_argument(
+        "--tracking-uri", help="the store (default: the one medx.train logs to, see README)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    uri = args.tracking_uri or store.default_uri()
     try:
-        table = ranked_runs(
-            client, args.experiment, args.metric, args.parent, args.filter, args.ascending
-        )
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            raise MedxError(f"--out {args.out} is a file; give a folder for compare.csv/.png.")
+        store.check(uri, write=False)  # never create a database where none was
+        with store.reading(uri):
+            table = ranked_runs(
+                MlflowClient(tracking_uri=uri),
+                args.experiment,
+                args.metric,
+                args.parent,
+                args.filter,
+                args.ascending,
+            )
     except MedxError as err:
         raise SystemExit(f"medx: {err}") from err
-    shown = table.drop(columns=["run_id"]) if not table.empty else table
+    shown = table.drop(columns=["run_id"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))  # the CLI's output
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import schema, tracking
+from medx import registry, schema, store, tracking
 from medx.cli import user_errors
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
@@ -175,6 +175,7 @@ def evaluate(
             kind = f"ensemble{len(ckpts)}-" if len(ckpts) > 1 else ""
             cfg.logger.run_name = f"eval-{kind}{cfg.logger.run_name}"
             cfg.logger.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.logger.tracking_uri)
+            store.check(str(cfg.logger.tracking_uri))  # in seconds, not after MLflow's retries
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     listed = ",".join(map(str, ckpts))
     with tracking.run_status(loggers):
@@ -221,6 +222,7 @@ def load_model(members: list[tuple[Path, DictConfig]], num_classes: int) -> L.Li
 
 def _new_dir(parent: Path) -> Path:
     """`<parent>/<date>_<time>`, suffixed when an evaluation of the same second exists."""
+    schema.check_output_dir(parent, "medx.eval's output folder", "move that file elsewhere.")
     stamp, n = datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), 0
     while True:
         path = parent / (f"{stamp}-{n}" if n else stamp)
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         sys.exit(USAGE)
     overrides = [a for a in args if a.split("=", 1)[0] not in named]
     with user_errors():
-        ckpts = checkpoint_paths(named["ckpt_path"])
+        # models:/NAME/VERSION or models:/NAME@ALIAS: the downloaded checkpoint (and its folder)
+        ckpts = [registry.resolve_model_uri(c) for c in checkpoint_paths(named["ckpt_path"])]
         for ckpt in ckpts:  # every file read (and refused, if bad) before any MLflow run
             read_checkpoint(ckpt)
         config = Path(named["config"]) if "config" in named else None

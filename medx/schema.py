@@ -11,10 +11,13 @@ optimizer) are skipped; cross-key rules that need built objects stay where they 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from medx.errors import ConfigError
@@ -116,6 +119,46 @@ def check(cfg: DictConfig) -> None:
     problems += _cross_checks(cfg)
     if problems:
         raise ConfigError("; ".join(problems) + ". Fix the override or the config file.")
+
+
+def check_output_dir(path: Path, what: str, hint: str) -> None:
+    """A folder medx will write into must not be, or lie under, a file (mkdir and Hydra would
+    say only FileExistsError or NotADirectoryError)."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{what} {path}: {part} is a file, not a folder; {hint}")
+            return
+
+
+class CheckBeforeRun(Callback):
+    """Hydra callback: the values and the output folder of `python -m medx.train`, checked
+    before Hydra creates that folder (and before a sweep opens its parent MLflow run).
+
+    Hydra turns exceptions raised in callbacks into warnings, hence the exit; `train()`
+    checks the values again, for Python callers and for every job of a sweep.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir", values=True)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir", values=False)  # sweep values reach each job
+
+    @staticmethod
+    def _check(config: DictConfig, key: str, values: bool) -> None:
+        problems = []
+        checks = [lambda: check(config)] if values else []
+        folder = Path(str(OmegaConf.select(config, key)))
+        hint = "give a folder (paths.root_dir or $MEDX_HOME holds outputs/ and multirun/)."
+        checks.append(lambda: check_output_dir(folder, f"The output folder ({key})", hint))
+        for run_check in checks:
+            try:
+                run_check()
+            except ConfigError as err:
+                problems.append(str(err))
+        if problems:
+            sys.exit(f"medx: {' '.join(problems)}")
 
 
 def _cross_checks(cfg: DictConfig) -> list[str]:

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from medx.errors import MedxError
+from medx import store
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,14 @@ def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
 def start_run(
     logger: MLFlowLogger, cfg: DictConfig, output_dir: Path, overrides: list[str]
 ) -> None:
-    """Create the MLflow run now (not lazily), so even a crash during data setup is recorded."""
+    """Create the MLflow run now (not lazily), so even a crash during data setup is recorded.
+
+    A new experiment of a sqlite store keeps its artifacts beside the database (medx.store),
+    not in `./mlruns` of the working directory, MLflow's default.
+    """
+    store.ensure_experiment(MlflowClient(logger._tracking_uri), logger._experiment_name)
     client, run_id = logger.experiment, logger.run_id
+    tag_training_experiment(client, logger.experiment_id)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own section
     _log_new_params(logger, flatten(OmegaConf.to_container(job, resolve=True)))
     commit = git_commit()
@@ -113,6 +119,17 @@ def log_params(loggers: list[Logger], params: Mapping[str, Any]) -> None:
         _log_new_params(logger, flatten(params))
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING = "custom_model_development"  # MLflow 3's UI: "Machine learning", opens on its runs
+
+
+def tag_training_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Mark the experiment as model training, unless it has a kind: MLflow 3's UI otherwise
+    treats it as a GenAI one and greets with the trace overview instead of the runs table."""
+    if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING)
+
+
 def _log_new_params(logger: MLFlowLogger, params: dict[str, str]) -> None:
     """Log params; a resumed run keeps its first values (MLflow refuses to change a param)."""
     old = logger.experiment.get_run(logger.run_id).data.params
@@ -120,33 +137,6 @@ def _log_new_params(logger: MLFlowLogger, params: dict[str, str]) -> None:
     if changed:
         log.info("Resumed run keeps its original params %s (see config.yaml)", changed)
     logger.log_hyperparams({k: v for k, v in params.items() if k not in old})
-
-
-def check_reachable(uri: str) -> None:
-    """Fail in seconds, before data setup, when an MLflow server does not answer.
-
-    MLflow retries HTTP calls with backoff for minutes by default; this one probe does not.
-    """
-    if uri.startswith(("http://", "https://")):
-        saved = {k: os.environ.get(k) for k in _PROBE_ENV}
-        os.environ.update(_PROBE_ENV)
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        except Exception as err:
-            raise MedxError(
-                f"MLflow tracking server {uri} is not reachable ({type(err).__name__}). Start "
-                "it (make mlflow-server), fix MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI "
-                "to log to the local sqlite store; logger=csv trains without MLflow."
-            ) from err
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
-_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import resume, schema, tracking
+from medx import registry, resume, schema, store, tracking
 from medx.cli import user_errors
 from medx.config import config_dir
 from medx.errors import ConfigError
@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             tester = trainer if _processes(trainer) == 1 else one_device(cfg, callbacks, loggers)
             tester.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(tester.callback_metrics)
+        registry.register_selected(trainer, loggers)  # logger.register_as=NAME
     metrics = {k: float(v) for k, v in metrics.items()}
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if best is not None:
@@ -127,7 +128,7 @@ def _loggers(cfg: DictConfig) -> list[Logger]:
     if not cfg.get("logger"):
         return []
     if cfg.logger.get("tracking_uri"):
-        tracking.check_reachable(str(cfg.logger.tracking_uri))
+        store.check(str(cfg.logger.tracking_uri))  # in seconds, not after MLflow's retries
     run_id = resume.resolve_last(cfg)  # ckpt_path=last: continue that checkpoint's MLflow run
     return [instantiate(cfg.logger, **({"run_id": run_id} if run_id else {}))]
 

@@ -62,16 +62,15 @@ def same_network(net: nn.Module, arch: str, num_classes: int) -> bool:
     ("experiment", "arch", "stages"),
     [
         ("pneumonia_resnet50_finetune", "resnet50", {"layer3", "layer4"}),
-        pytest.param(
+        (  # a dense block with its transition; the last one with its output norm
             "pneumonia_densenet121_finetune",
             "densenet121",
-            {"features.denseblock3", "features.denseblock4"},
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="timm's coarse groups put densenet121's norm5 in a block of its own, "
-                "so unfreeze_last=2 trains denseblock4 + norm5, not the last two dense blocks "
-                "the recipe promises (reported to the lead)",
-            ),
+            {
+                "features.denseblock3",
+                "features.transition3",
+                "features.denseblock4",
+                "features.norm5",
+            },
         ),
     ],
 )

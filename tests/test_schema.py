@@ -5,11 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
 from medx.schema import check
 from medx.train import train
+
+
+@pytest.fixture(scope="module")
+def default() -> DictConfig:
+    return compose()
+
+
+def overridden(cfg: DictConfig, override: str) -> DictConfig:
+    """`cfg` with `key=value` applied, the value typed as Hydra's command line types it."""
+    parsed = OverridesParser.create().parse_override(override)
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), force_add=False)
+    return cfg
 
 
 @pytest.mark.parametrize(
@@ -35,9 +50,11 @@ from medx.train import train
         ),
     ],
 )
-def test_a_value_out_of_range_is_named_with_its_range(override: str, message: str):
+def test_a_value_out_of_range_is_named_with_its_range(
+    default: DictConfig, override: str, message: str
+):
     with pytest.raises(ConfigError) as raised:
-        check(compose([override]))
+        check(overridden(default, override))
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
 
@@ -51,8 +68,10 @@ def test_train_names_the_value_before_the_mlflow_run_opens(make_cfg, tracked_run
     assert tracked_runs() == []  # no MLflow run opened (and none left RUNNING or FAILED)
 
 
-def test_every_bad_value_is_named_in_one_message():
-    cfg = compose(["data.batch_size=0", "optimizer.lr=-1", "seed=abc"])
+def test_every_bad_value_is_named_in_one_message(default: DictConfig):
+    cfg = default
+    for override in ("data.batch_size=0", "optimizer.lr=-1", "seed=abc"):
+        cfg = overridden(cfg, override)
     with pytest.raises(ConfigError) as raised:
         check(cfg)
     text = str(raised.value)
@@ -60,8 +79,8 @@ def test_every_bad_value_is_named_in_one_message():
 
 
 @pytest.mark.parametrize("override", ["seed=0", "seed=null", "trainer.gradient_clip_val=null"])
-def test_edge_values_that_are_valid_pass(override: str):
-    check(compose([override]))
+def test_edge_values_that_are_valid_pass(default: DictConfig, override: str):
+    check(overridden(default, override))
 
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))

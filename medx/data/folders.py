@@ -26,7 +26,13 @@ from medx.data.duplicates import check_policy, find_duplicates
 from medx.data.io import check_images, is_hidden, list_images, read_image
 from medx.data.loaders import PhantomRoot, SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
-from medx.data.splits import SPLITS, kfold_by_patient, patient_ids, split_by_patient
+from medx.data.splits import (
+    SPLITS,
+    Subsettable,
+    kfold_by_patient,
+    patient_ids,
+    split_by_patient,
+)
 from medx.data.transforms import ImageTransform
 from medx.errors import DataError
 
@@ -34,19 +40,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Samples:
+class Samples(Subsettable):
     """One split: image paths, integer labels and the patient of each image."""
 
     paths: list[Path] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     patients: list[str] = field(default_factory=list)
-
-    def subset(self, index: np.ndarray) -> Samples:
-        return Samples(
-            [self.paths[i] for i in index],
-            [self.labels[i] for i in index],
-            [self.patients[i] for i in index],
-        )
 
     def counts(self, num_classes: int) -> list[int]:
         return np.bincount(np.asarray(self.labels, dtype=int), minlength=num_classes).tolist()

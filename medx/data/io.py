@@ -14,7 +14,7 @@ import os
 import time
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,12 +85,14 @@ def corrupt_image_error(path: Path, warning: str) -> BadImageError:
 
 
 def _truncation(data: bytes) -> str | None:
-    """Say how the file is truncated, or None.
+    """Say how a file that OpenCV refused is truncated, or None.
 
     A JPEG or PNG cut short (an interrupted download or copy) lacks its end: a JPEG has no
-    end-of-image marker after its first scan, a PNG no IEND chunk. Bytes after a complete image
-    (a trailer some exporters append, zero padding) are no truncation and are ignored, as every
-    viewer ignores them. OpenCV 5 refuses a cut file without saying why; this says why.
+    end-of-image marker after its first scan, a PNG no IEND chunk. OpenCV 5 refuses such a
+    file without saying why; this says why. (A build that decodes a cut JPEG makes libjpeg
+    warn "Premature end of JPEG file", which the verification pass counts as an error.) Bytes
+    after a complete image, a trailer some exporters append, are no truncation: OpenCV and
+    every viewer ignore them.
     """
     if data.startswith(_JPEG_SOI):
         scan = _jpeg_first_scan(data)
@@ -153,17 +155,15 @@ def _decode(path: Path) -> np.ndarray:
         raise _bad(path, f"cannot be read ({exc.strerror or exc})") from exc
     if not data:
         raise _bad(path, "is empty (0 bytes)")
-    truncated = _truncation(data)
-    if truncated:
-        raise _bad(path, truncated)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS)
     except cv2.error as exc:
-        raise _bad(path, f"cannot be decoded ({exc.err})") from exc
+        raise _bad(path, _truncation(data) or f"cannot be decoded ({exc.err})") from exc
     if img is None or img.size == 0:
         raise _bad(
             path,
-            "cannot be decoded: it is not a PNG, JPEG, BMP, TIFF, WebP or GIF image, or it is "
+            _truncation(data)
+            or "cannot be decoded: it is not a PNG, JPEG, BMP, TIFF, WebP or GIF image, or it is "
             "corrupt",
         )
     return _to_uint8(img, path)
@@ -266,15 +266,7 @@ def list_images(folder: Path, skipped: Counter[str] | None = None) -> list[Path]
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"Image folder {folder} does not exist or is not a folder; check the path.")
-    found: list[Path] = []
-    passed_over: dict[str, list[Path]] = {}
-    for path in folder.iterdir():
-        if is_image_file(path):
-            found.append(path)
-        elif not is_hidden(path):
-            passed_over.setdefault(_skip_reason(path, folders=True), []).append(path)
-    report_skipped(folder, passed_over, len(found), skipped)
-    return sorted(found)
+    return _images_among(folder.iterdir(), folder, skipped)
 
 
 def find_images(folder: Path, skipped: Counter[str] | None = None) -> list[Path]:
@@ -283,18 +275,11 @@ def find_images(folder: Path, skipped: Counter[str] | None = None) -> list[Path]
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder of images; check the path.")
-    found: list[Path] = []
-    passed_over: dict[str, list[Path]] = {}
-    for parent, dirs, files in os.walk(folder):
+    files = []
+    for parent, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not is_hidden(Path(d))]
-        for name in files:
-            path = Path(parent, name)
-            if is_image_file(path):
-                found.append(path)
-            elif not is_hidden(path):
-                passed_over.setdefault(_skip_reason(path, folders=False), []).append(path)
-    report_skipped(folder, passed_over, len(found), skipped)
-    return sorted(found)
+        files += [Path(parent, name) for name in names]
+    return _images_among(files, folder, skipped)
 
 
 def is_hidden(path: Path) -> bool:
@@ -312,10 +297,23 @@ SKIP_REASONS = {
 }
 
 
-def _skip_reason(path: Path, folders: bool) -> str:
+def _images_among(paths: Iterable[Path], folder: Path, skipped: Counter[str] | None) -> list[Path]:
+    """The image files among ``paths`` (entries of ``folder``), sorted; the rest reported."""
+    found: list[Path] = []
+    passed_over: dict[str, list[Path]] = {}
+    for path in paths:
+        if is_image_file(path):
+            found.append(path)
+        elif not is_hidden(path):
+            passed_over.setdefault(_skip_reason(path), []).append(path)
+    report_skipped(folder, passed_over, len(found), skipped)
+    return sorted(found)
+
+
+def _skip_reason(path: Path) -> str:
     if path.is_symlink() and not path.exists():
         return "broken_symlink"
-    if folders and path.is_dir():
+    if path.is_dir():
         return "subfolder"
     if not path.is_file():
         return "not_a_file"

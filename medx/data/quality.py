@@ -7,7 +7,7 @@ clean image and its twins always sit in the same split. Degradations are drawn p
 a seed derived from `seed` and the file name: the data set is the same on every run and machine.
 
 Batches carry what the model family asks for (`inputs`, set by medx.train from the model
-class): "image" → (normalised image tensor, label) for CNNs; "features" → (handcrafted
+class): "image" → (image tensor in [0, 1], label) for CNNs; "features" → (handcrafted
 feature vector, label) for the feature baseline, computed once per split and cached on disk.
 """
 

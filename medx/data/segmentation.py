@@ -39,7 +39,7 @@ from medx.data.io import (
 )
 from medx.data.loaders import PhantomRoot, SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
-from medx.data.splits import SPLITS, patient_ids, split_by_patient
+from medx.data.splits import SPLITS, Subsettable, patient_ids, split_by_patient
 from medx.data.transforms import SegmentationTransform
 from medx.errors import ConfigError, DataError
 
@@ -49,19 +49,12 @@ STRIDE = 32  # smp encoders downsample five times: sides must be multiples of 32
 
 
 @dataclass
-class Pairs:
+class Pairs(Subsettable):
     """One split: image files, their mask files and the patient of each image."""
 
     images: list[Path] = field(default_factory=list)
     masks: list[Path] = field(default_factory=list)
     patients: list[str] = field(default_factory=list)
-
-    def subset(self, index: np.ndarray) -> Pairs:
-        return Pairs(
-            [self.images[i] for i in index],
-            [self.masks[i] for i in index],
-            [self.patients[i] for i in index],
-        )
 
 
 def find_masks(

@@ -14,8 +14,10 @@ import numbers
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -25,6 +27,15 @@ from medx.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")  # every data module's split names, in this order
+
+
+class Subsettable:
+    """Mixin for a dataclass of parallel lists, one entry per image (a split's samples):
+    `subset` keeps the entries at `index` in every list, so that no field is forgotten."""
+
+    def subset(self, index: Sequence[int]) -> Self:
+        return type(self)(*([getattr(self, f.name)[i] for i in index] for f in fields(self)))
+
 
 # Kermany chest X-rays (see $MEDX_DATA/README.md): personN_bacteria_M / personN_virus_M are
 # patient N; IM-XXXX-YYYY and NORMAL2-IM-XXXX-YYYY (also IM-XXXX-YYYY-ZZZZ) are patient XXXX.

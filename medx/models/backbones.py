@@ -87,11 +87,21 @@ def create_backbone(
     normalised = pretrained or bool(weights)
     return Network(
         model=model,
-        blocks=[b for b in blocks if b],
+        blocks=_fold_norm_only(model, [b for b in blocks if b]),
         head=sorted(head),
         mean=IMAGENET_MEAN if normalised else UNIT_MEAN,
         std=IMAGENET_STD if normalised else UNIT_STD,
     )
+
+
+def _fold_norm_only(model: nn.Module, blocks: list[list[str]]) -> list[list[str]]:
+    """A trailing group of normalisation parameters only (densenet's `features.norm5`) joins
+    the stage before it: it is that stage's output norm, not a stage, so `unfreeze_last=2`
+    means the last two real stages."""
+    params = dict(model.named_parameters())
+    if len(blocks) > 1 and all(params[n].ndim == 1 for n in blocks[-1]):
+        return [*blocks[:-2], blocks[-2] + blocks[-1]]
+    return blocks
 
 
 def _timm_name(name: str) -> str:

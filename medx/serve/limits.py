@@ -33,7 +33,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Paths anyone may call: probes, and the API's description (no data, no model card).
 OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 SNIFF_BYTES = 132  # DICOM's "DICM" marker sits at bytes 128..131
-ACCEPTED = "JPEG, PNG or DICOM (Part 10, with its DICM marker)"
+ACCEPTED = "JPEG, PNG or DICOM (Part 10: with the DICM marker at byte 128)"
 
 
 class Refused(MedxError):
@@ -76,18 +76,23 @@ def unsupported_type(name: str, head: bytes) -> Refused:
     shown = head[:8].hex(" ") if head else "nothing"
     return Refused(
         415,
-        f"Upload {name!r} is not a {ACCEPTED} file (its first bytes are {shown}; the file "
-        "name and Content-Type are not trusted). Send the image itself in one of these "
-        "formats, converting it first if needed.",
+        f"Upload {name!r} is not an image this service reads (its first bytes are {shown}; "
+        f"the type is told from the bytes, not from the file name). It reads {ACCEPTED}: "
+        "send the image in one of these formats, converting it first if needed.",
     )
 
 
 def too_large(max_bytes: int, declared: int | None = None) -> Refused:
-    said = f" (Content-Length {declared / 1e6:.1f} MB)" if declared is not None else ""
+    if declared is None:
+        what = f"passed the service's limit of {max_bytes / 1e6:.1f} MB and was cut off there"
+    else:
+        what = (
+            f"is {declared / 1e6:.1f} MB (its Content-Length), over the service's limit of "
+            f"{max_bytes / 1e6:.1f} MB, and was not read"
+        )
     return Refused(
         413,
-        f"The upload is over the service's limit of {max_bytes / 1e6:.1f} MB{said} and was "
-        "not read. Send a smaller file (compress it, or export the image at a lower "
+        f"The upload {what}. Send a smaller file (compress it, or export the image at a lower "
         "resolution), or ask the operator to raise --max-bytes.",
         close=True,
     )

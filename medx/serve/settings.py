@@ -44,7 +44,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_pixels < 1:
             raise ConfigError("--max-bytes and --max-pixels must be positive numbers.")
-        if not 0 < self.port < 65536 and self.port != 0:
+        if not 0 < self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port (1 to 65535).")
         if self.workers < 1 or self.threads < 0:
             raise ConfigError("--workers must be at least 1 and --threads at least 0.")

@@ -133,7 +133,6 @@ def _fit(cfg: DictConfig, *callbacks: L.Callback) -> tuple:
     datamodule = instantiate(cfg.data, _convert_="object")
     parts = {k: instantiate(cfg.get(k)) for k in ("optimizer", "scheduler", "loss", "mixup")}
     model = ClassificationModule("test_resnet", num_classes=2, **parts)
-    datamodule.mean, datamodule.std = model.mean, model.std
     trainer = instantiate(
         cfg.trainer, callbacks=list(callbacks), logger=False, enable_checkpointing=False
     )

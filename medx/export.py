@@ -1,0 +1,593 @@
+"""`python -m medx.export CKPT --out model.onnx`: a trained classifier or segmenter as ONNX,
+checked against PyTorch with onnxruntime, carrying everything needed to use it.
+
+**The graph** is the module's `forward`: [0, 1] images in, logits out. Normalisation (the
+model's mean/std, and a segmenter's per-image z-score) is inside the graph, as it is inside the
+module, so every caller feeds the same pixels as `medx.predict`; softmax/sigmoid, temperature
+and threshold stay outside (they are metadata), so one file serves raw and calibrated use.
+
+**Input contract** (also in the file as `medx.input`): input `image`, float32, NCHW, RGB (gray
+images repeated into 3 channels), values in [0, 1] (uint8 pixels / 255), decoded and resized
+as `medx.data.io.read_image` + `ImageTransform` do (`medx.preprocessing`).
+
+- Classifier: `image` [batch, 3, S, S] with S the training `image_size`; any batch size.
+  Output `logits` [batch, classes]; probabilities = softmax(logits / `medx.temperature`).
+- Segmenter: `image` [batch, 3, H, W], any batch, H and W multiples of the network's stride
+  (`medx.input.stride`, 32 for a 5-stage encoder). A caller pads other sizes at the bottom and
+  right by repeating the edge pixels (`numpy.pad(x, ((0, 0), (0, 0), (0, -H % s), (0, -W % s)),
+  mode="edge")`, as `pad_to_stride` does) and crops the output back to [..., :H, :W].
+  Output `logits` [batch, 1, H, W]; mask = sigmoid(logits) >= `medx.threshold`.
+
+**Exporter and opset.** The TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) at
+opset 17. The torch.export-based one (`dynamo=True`, torch's default since 2.9) needs the
+`onnxscript` package, which medx's environment does not have (`import onnxscript` fails with
+torch 2.14 here; the exporter raises ModuleNotFoundError), and adding a dependency for an
+exporter that traces the same CNNs to the same operators buys nothing: medx's networks (timm
+classifiers, smp U-Nets/FPNs) have no data-dependent control flow, which is what the dynamo
+exporter handles better. Opset 17 holds every operator these networks use (Conv,
+BatchNormalization folded, Resize, GlobalAveragePool, Gemm) and runs on onnxruntime ≥ 1.11,
+TensorRT 8.6 and OpenVINO; newer opsets add nothing these graphs use. The export is not done
+until it is verified (as MONAI's `convert_to_onnx(verify=True)`): the written file is run with
+onnxruntime and PyTorch at a batch size, and for segmenters an image size, other than the
+export's dummy input, and a logit difference over `--tolerance` (1e-4) fails the export.
+
+**Metadata** (`metadata_props`, every value JSON): `medx.card` (the whole model card),
+`medx.task`, `medx.class_names`, `medx.threshold`, `medx.operating_point`,
+`medx.target_sensitivity`, `medx.temperature`, `medx.run_id`, `medx.input`, `medx.output`,
+`medx.preprocessing`, `medx.export` (exporter, opset, versions, checkpoint) and `medx.check`
+(the verification's largest difference). `OnnxModel` reads them back.
+
+**MLflow.** When the card names a training run and its tracking store answers, the file is
+logged to that run under `onnx/` (also to a FINISHED run) with the tag `medx.onnx`; an
+unreachable store is a warning, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from medx.cli import user_errors
+from medx.errors import MedxError
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT, OUTPUT = "image", "logits"
+TOLERANCE = 1e-4  # largest |logit difference| onnxruntime vs PyTorch that passes
+EXPORT_BATCH = 2  # the dummy input's batch; the check runs 1 and CHECK_BATCH
+CHECK_BATCH = 3
+EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript)"
+
+
+class ExportError(MedxError):
+    """A model cannot be exported, or an ONNX file cannot be used as a medx model."""
+
+
+class CheckError(ExportError):
+    """onnxruntime and PyTorch disagree on an exported file."""
+
+    def __init__(self, path: Path, diff: float, case: str, tolerance: float, kept: bool) -> None:
+        self.path, self.diff, self.case = path, diff, case
+        fate = "" if kept else "; the file was not written"
+        super().__init__(
+            f"ONNX export {path} disagrees with PyTorch: largest |logit difference| {diff:.3g} "
+            f"> {tolerance:g} ({case}){fate}. Try another --opset, or report the network."
+        )
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def stride(model: torch.nn.Module) -> int:
+    """The factor a segmenter's input height and width must be multiples of (1: any)."""
+    encoder = getattr(getattr(model, "net", None), "encoder", None)
+    return int(getattr(encoder, "output_stride", 32)) if model.task == "segmentation" else 1
+
+
+def image_size(model: torch.nn.Module) -> int:
+    """The square size the model was trained at (its card, or a segmenter's hyper-parameter)."""
+    size = (model.card.get("input") or {}).get("image_size") or model.hparams.get("image_size")
+    if not size:
+        raise ExportError(
+            "The checkpoint's model card has no input.image_size (a checkpoint from before "
+            "model cards): pass --image-size, the size it was trained at."
+        )
+    return int(size)
+
+
+def pad_to_stride(x: np.ndarray, step: int) -> np.ndarray:
+    """NCHW images padded at the bottom and right, repeating edge pixels, to multiples of step."""
+    h, w = x.shape[-2:]
+    if h % step == 0 and w % step == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (0, -h % step), (0, -w % step)), mode="edge")
+
+
+def metadata(model: torch.nn.Module, size: int, opset: int) -> dict[str, Any]:
+    """What goes into the file's metadata_props (values before JSON encoding)."""
+    import onnxruntime
+
+    card = dict(model.card)
+    segmenter = model.task == "segmentation"
+    op = card.get("operating_point") or None
+    temperature = float((card.get("calibration") or {}).get("temperature", 1.0))
+    decoding = {k: v for k, v in (card.get("input") or {}).items() if k not in ("mean", "std")}
+    spatial = ["height", "width"] if segmenter else [size, size]
+    contract = {
+        "name": INPUT,
+        "dtype": "float32",
+        "layout": "NCHW",
+        "shape": ["batch", 3, *spatial],
+        "range": [0.0, 1.0],
+        "channels": "RGB; gray images repeated into 3 channels",
+        "image_size": size,
+        "normalisation": "inside the graph: (x - mean) / std per channel",
+        "mean": list(model.mean),
+        "std": list(model.std),
+    }
+    if segmenter:
+        contract.update(
+            stride=stride(model),
+            padding="height and width must be multiples of stride: pad bottom/right repeating "
+            "edge pixels, crop the logits back",
+            zscore=bool(model.hparams.get("zscore")),
+        )
+        output = {
+            "name": OUTPUT,
+            "shape": ["batch", 1, "height", "width"],
+            "meaning": "mask logits; mask = sigmoid(logits) >= medx.threshold, then "
+            "medx.postprocess",
+        }
+        threshold = float(model.threshold)
+        card["segmentation"] = {
+            "threshold": threshold,
+            "postprocess": model.hparams.get("postprocess", "none"),
+            "stride": stride(model),
+        }
+    else:
+        output = {
+            "name": OUTPUT,
+            "shape": ["batch", len(card.get("class_names") or []) or "classes"],
+            "meaning": "class logits; probabilities = softmax(logits / medx.temperature); binary "
+            "decision: softmax(logits)[:, 1] >= medx.threshold (uncalibrated scale)",
+        }
+        threshold = op.get("threshold") if op else None
+    return {
+        "medx.format": 1,
+        "medx.task": model.task,
+        "medx.class_names": list(card.get("class_names") or []),
+        "medx.threshold": threshold,
+        "medx.operating_point": op,
+        "medx.target_sensitivity": op.get("target_sensitivity") if op else None,
+        "medx.temperature": temperature,
+        "medx.postprocess": card.get("segmentation", {}).get("postprocess"),
+        "medx.run_id": (card.get("run") or {}).get("id"),
+        "medx.input": contract,
+        "medx.output": output,
+        "medx.preprocessing": {
+            **decoding,
+            "to_tensor": "uint8 HxWx3 RGB -> float32 3xHxW / 255 (medx.data.transforms)",
+        },
+        "medx.export": {
+            "exporter": EXPORTER,
+            "opset": opset,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "checkpoint": card.get("checkpoint"),
+            "dummy_input": [EXPORT_BATCH, 3, size, size],
+        },
+        "medx.card": card,
+    }
+
+
+def write_onnx(model: torch.nn.Module, out: Path, size: int, opset: int = OPSET) -> None:
+    """Trace `model` (eval mode, float32, CPU) into `out` with dynamic axes and metadata."""
+    import onnx
+
+    if getattr(model, "inputs", "image") != "image":
+        raise ExportError(
+            f"{model.card.get('checkpoint', 'This model')} is a {type(model).__name__}, which "
+            "takes image features, not images: only image classifiers and segmenters export."
+        )
+    model = model.float().cpu().eval()
+    dims = {0: "batch", 2: "height", 3: "width"} if model.task == "segmentation" else {0: "batch"}
+    dummy = torch.rand(EXPORT_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():  # the exporter's deprecation notice and tracer remarks
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(out),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes={INPUT: dims, OUTPUT: dims},
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(out))
+    set_metadata(proto, metadata(model, size, opset))
+    proto.doc_string = f"medx {model.task} model; see metadata_props medx.* for its contract"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+
+
+def set_metadata(proto: Any, entries: dict[str, Any]) -> None:
+    """Add or replace `metadata_props` entries, each value JSON-encoded."""
+    kept = [p for p in proto.metadata_props if p.key not in entries]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in entries.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, json.dumps(value, default=str)
+
+
+# --- verification ---------------------------------------------------------------------------
+
+
+def check_images(folder: Path | None, n: int = CHECK_BATCH) -> tuple[list[np.ndarray], str]:
+    """n uint8 RGB images to verify on: spread over `folder` (sorted, so both ends of a
+    class-per-folder tree), or, without one, n synthetic phantom chest images (seed 0)."""
+    if folder is None:
+        from medx.data.phantom import render_phantom
+
+        rng = np.random.default_rng(0)
+        grays = [render_phantom(rng, 256, opacity=bool(i % 2))[0] for i in range(n)]
+        images = [np.repeat(g[..., None], 3, axis=2) for g in grays]
+        return images, f"{n} synthetic phantom images (no --check-images given)"
+    from medx.predict import MAX_PIXELS, find_inputs, read_checked
+
+    paths = find_inputs(Path(folder))
+    picked = [paths[round(i * (len(paths) - 1) / max(n - 1, 1))] for i in range(n)]
+    images = [read_checked(p, MAX_PIXELS) for p in picked]
+    return images, f"{len(set(picked))} images from {folder}"
+
+
+def as_batch(images: list[np.ndarray], batch: int, height: int, width: int) -> torch.Tensor:
+    """`batch` [0, 1] float images resized to height x width (cycling through `images`)."""
+    chosen = [images[i % len(images)] for i in range(batch)]
+    small = [cv2.resize(im, (width, height), interpolation=cv2.INTER_AREA) for im in chosen]
+    return torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float().div(255).contiguous()
+
+
+@dataclass
+class Check:
+    """The verification's outcome: the largest |logit difference| and where it was measured."""
+
+    max_abs_diff: float
+    cases: list[str]
+    images: str
+    tolerance: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "cases": self.cases,
+            "images": self.images,
+            "tolerance": self.tolerance,
+        }
+
+
+def check_cases(model: torch.nn.Module, size: int) -> list[tuple[int, int, int]]:
+    """(batch, height, width) to compare at: batch 1 at the export size (the served case) and
+    batch 3, for segmenters at a non-square size other than the export's."""
+    step = stride(model)
+    if model.task == "segmentation":
+        return [(1, size, size), (CHECK_BATCH, size + step, size + 2 * step)]
+    return [(1, size, size), (CHECK_BATCH, size, size)]
+
+
+def verify(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    images: list[np.ndarray],
+    described: str = "",
+    tolerance: float = TOLERANCE,
+) -> Check:
+    """Run `onnx_path` with onnxruntime and `model` with PyTorch on the same batches; raise
+    CheckError (naming the file and the difference) when the logits differ by more than
+    `tolerance`. A NaN anywhere fails too."""
+    runtime = OnnxModel(onnx_path)
+    size = int(runtime.input["image_size"])
+    worst, worst_case, cases = 0.0, "", []
+    for batch, height, width in check_cases(model, size):
+        x = as_batch(images, batch, height, width)
+        with torch.inference_mode():
+            expected = model(x).float().numpy()
+        got = runtime(x.numpy())
+        case = f"batch {batch}, {height}x{width} px"
+        cases.append(case)
+        diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else np.inf
+        diff = np.inf if np.isnan(diff) else diff
+        if diff > worst:
+            worst, worst_case = diff, case
+    if not worst <= tolerance:
+        raise CheckError(onnx_path, worst, f"{worst_case}, {described}", tolerance, kept=True)
+    return Check(worst, cases, described, tolerance)
+
+
+# --- MLflow ---------------------------------------------------------------------------------
+
+
+def log_to_run(card: dict[str, Any], path: Path, check: Check, tracking_uri: str | None) -> bool:
+    """Log the file to the card's training run (artifact `onnx/<name>`, tag `medx.onnx`).
+    False, with a warning, when there is no run or its store does not answer."""
+    from mlflow import MlflowClient
+
+    run = card.get("run") or {}
+    uri = tracking_uri or run.get("tracking_uri")
+    if not run.get("id"):
+        log.info("The model card names no MLflow run: the export is not logged.")
+        return False
+    if not uri or (reason := _unreachable(uri)):
+        log.warning(
+            "Not logged to MLflow run %s: %s (export again with --tracking-uri URI to log it).",
+            run["id"],
+            reason or "the model card names no tracking store",
+        )
+        return False
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.log_artifact(run["id"], str(path), "onnx")
+        client.set_tag(run["id"], "medx.onnx", f"onnx/{path.name}")
+        client.set_tag(run["id"], "medx.onnx.max_abs_diff", f"{check.max_abs_diff:.3g}")
+    except Exception as err:  # MLflow raises many types (missing run, permissions, HTTP)
+        log.warning("Not logged to MLflow run %s in %s: %s", run["id"], uri, err)
+        return False
+    log.info("Logged %s to MLflow run %s (%s) under onnx/", path.name, run["id"], uri)
+    return True
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why the tracking store at `uri` cannot be used (None: it can), in seconds (no MLflow
+    retries); a missing sqlite file is not created."""
+    from medx import store
+
+    try:
+        store.check(uri, write=False)  # exists, is a store; a server answers
+        store.check(uri, write=True)  # and can be written
+    except MedxError as err:
+        return str(err)
+    return None
+
+
+# --- the whole command ----------------------------------------------------------------------
+
+
+@dataclass
+class Exported:
+    path: Path
+    check: Check
+    logged: bool
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    images: Path | None = None,
+    tolerance: float = TOLERANCE,
+    opset: int = OPSET,
+    size: int | None = None,
+    tracking_uri: str | None = None,
+    mlflow: bool = True,
+) -> Exported:
+    """Export a medx checkpoint to `out` (default: next to it, .onnx), verify it, log it."""
+    from medx.models.load import load
+
+    model = load(checkpoint)
+    out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; give a file name such as model.onnx.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pictures, described = check_images(images)
+    check = export_model(model, out, pictures, described, tolerance, opset, size)
+    logged = mlflow and log_to_run(model.card, out, check, tracking_uri)
+    return Exported(out, check, logged)
+
+
+def export_model(
+    model: torch.nn.Module,
+    out: Path,
+    images: list[np.ndarray],
+    described: str,
+    tolerance: float = TOLERANCE,
+    opset: int = OPSET,
+    size: int | None = None,
+) -> Check:
+    """Write `out` only once verified: exported to a hidden file beside it, checked, then
+    renamed (a failed check leaves no file, nor an older export replaced)."""
+    import onnx
+
+    size = size or image_size(model)
+    tmp = out.parent / f".{out.name}.unverified"
+    try:
+        write_onnx(model, tmp, size, opset)
+        try:
+            check = verify(model, tmp, images, described, tolerance)
+        except CheckError as err:
+            raise CheckError(out, err.diff, err.case, tolerance, kept=False) from err
+        proto = onnx.load(str(tmp))
+        set_metadata(proto, {"medx.check": check.as_dict()})
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return check
+
+
+# --- using an export ------------------------------------------------------------------------
+
+
+class OnnxModel:
+    """A medx .onnx file run by onnxruntime, used like the torch module it came from.
+
+    `card` (the checkpoint's model card, plus `card["onnx"]`: file, export, check), `task`,
+    `class_names`, `temperature`, `threshold`, and `model(x)` → logits for a [0, 1] float
+    batch (torch tensor in → torch tensor out; NumPy in → NumPy out). Segmenters also have
+    `predict_masks`, `postprocess` and pad inputs to the stride themselves; `hparams`,
+    `device` and `eval()` let `medx.predict.classify`/`predict_mask` take it as they take the
+    module. One session serves concurrent calls (onnxruntime's `run` is thread-safe).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ExportError(f"ONNX model {self.path} does not exist; check the path.")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ExportError(
+                f"{self.path} cannot be opened by onnxruntime ({first}): not an ONNX file or "
+                "damaged; export it again with `python -m medx.export`."
+            ) from err
+        props = self.session.get_modelmeta().custom_metadata_map
+        if "medx.card" not in props:
+            raise ExportError(
+                f"{self.path} is an ONNX model but not a medx export (no medx.card in its "
+                "metadata); export the checkpoint with `python -m medx.export`."
+            )
+        self.metadata = {k: json.loads(v) for k, v in props.items() if k.startswith("medx.")}
+        meta = self.metadata
+        self.card: dict[str, Any] = dict(meta["medx.card"])
+        self.card["onnx"] = {
+            "file": str(self.path),
+            "export": meta.get("medx.export"),
+            "check": meta.get("medx.check"),
+        }
+        self.task: str = meta["medx.task"]
+        self.input: dict[str, Any] = meta["medx.input"]
+        self.class_names: list[str] = list(meta.get("medx.class_names") or [])
+        self.temperature = float(meta.get("medx.temperature") or 1.0)
+        self.threshold = meta.get("medx.threshold")
+        self.stride = int(self.input.get("stride", 1))
+        size = int(self.input["image_size"])
+        self.image_size = size
+        self.device = torch.device("cpu")
+        if self.task == "segmentation":
+            from medx.models.postprocess import make_postprocess
+
+            self.postprocess = make_postprocess(meta.get("medx.postprocess") or "none")
+            self.hparams = SimpleNamespace(image_size=size, threshold=self.threshold)
+        else:
+            outputs = self.session.get_outputs()[0].shape[1]
+            classes = len(self.class_names) or (outputs if isinstance(outputs, int) else 0)
+            self.hparams = SimpleNamespace(image_size=size, num_classes=classes)
+
+    def eval(self) -> OnnxModel:
+        return self
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Logits of a [0, 1] float batch (N x 3 x H x W)."""
+        as_torch = isinstance(x, torch.Tensor)
+        array = x.detach().cpu().numpy() if as_torch else np.asarray(x)
+        self._check(array)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        h, w = array.shape[-2:]
+        if self.task == "segmentation":
+            array = pad_to_stride(array, self.stride)
+        logits = self.session.run([OUTPUT], {INPUT: array})[0]
+        if self.task == "segmentation":
+            logits = np.ascontiguousarray(logits[..., :h, :w])
+        return torch.from_numpy(logits) if as_torch else logits
+
+    def predict_masks(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Foreground probabilities (N x 1 x H x W) of [0, 1] images."""
+        logits = self(x)
+        if isinstance(logits, torch.Tensor):
+            return torch.sigmoid(logits)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def _check(self, x: np.ndarray) -> None:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ExportError(
+                f"{self.path.name} takes N x 3 x H x W images (RGB, gray repeated), not an "
+                f"array of shape {tuple(x.shape)}."
+            )
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ExportError(
+                f"{self.path.name} takes float images in [0, 1], not {x.dtype} (divide uint8 "
+                "pixels by 255)."
+            )
+        size = self.image_size
+        if self.task != "segmentation" and x.shape[-2:] != (size, size):
+            raise ExportError(
+                f"{self.path.name} takes {size}x{size} images, not {x.shape[2]}x{x.shape[3]}: "
+                "resize them first (as medx.data.transforms.ImageTransform does)."
+            )
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m medx.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a medx checkpoint (.ckpt): classifier or segmenter")
+    p.add_argument("--out", type=Path, help="the .onnx file (default: CKPT with .onnx)")
+    p.add_argument(
+        "--check-images",
+        type=Path,
+        help="a folder of real images to verify on (default: 3 synthetic phantom images)",
+    )
+    p.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest |logit diff|")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--image-size", type=int, help="only for checkpoints without a model card")
+    p.add_argument("--tracking-uri", help="MLflow store of the training run (default: the card's)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to the training run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Exported:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with user_errors("medx.export"):
+        done = export(
+            args.checkpoint,
+            args.out,
+            args.check_images,
+            args.tolerance,
+            args.opset,
+            args.image_size,
+            args.tracking_uri,
+            not args.no_mlflow,
+        )
+    check = done.check
+    if "synthetic" in check.images:
+        print(
+            "No --check-images: verified on synthetic phantom images; pass a folder of real ones."
+        )
+    print(
+        f"Exported {done.path} ({EXPORTER}, opset {args.opset}). onnxruntime vs PyTorch on "
+        f"{check.images} ({'; '.join(check.cases)}): largest |logit difference| "
+        f"{check.max_abs_diff:.3g} (limit {check.tolerance:g})."
+    )
+    return done
+
+
+if __name__ == "__main__":
+    main()

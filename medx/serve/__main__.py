@@ -1,0 +1,34 @@
+"""`python -m medx.serve MODEL [--port 8000] ...`: start the service (see `settings`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from medx.cli import user_errors
+from medx.serve.settings import from_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with user_errors("medx.serve"):
+        settings = from_args(argv)
+        settings.check_files()
+    import uvicorn
+
+    # Every worker process builds its app from the environment (uvicorn imports the factory
+    # by name), so one way of passing the settings serves one worker and many.
+    os.environ.update(settings.to_env())
+    uvicorn.run(
+        "medx.serve.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
