@@ -6,7 +6,9 @@ The model is a medx ClassificationModule (normalisation inside, as exported), ra
 sides predict one [0, 1] image at a time: PyTorch eager under `inference_mode`, and
 `medx.export.OnnxModel` (what the service runs). Each repeat times `--iterations` calls of one
 side, then of the other, alternating which goes first, so a noisy neighbour on a shared CPU
-slows both alike; the figures are medians over repeats. Both sides use `--threads` threads.
+slows both alike; the figures are medians over repeats. Both sides use `--threads` threads
+(default 1: on an oversubscribed CPU, eager PyTorch's OpenMP threads stall each other and the
+ratio measures the neighbours, not the runtimes).
 Goal: ratio ≥ 1.5.
 
 Usage: [MEDX_DATA=/path] python benchmarks/onnx.py [--threads 1] [--repeats 7] [--iterations 30]

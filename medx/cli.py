@@ -33,6 +33,12 @@ def user_errors(prog: str = "medx") -> Iterator[None]:
     """Turn a user error raised in the body into `prog: <message>` on stderr and exit 1."""
     try:
         yield
+    except (KeyboardInterrupt, SystemExit) as err:
+        from medx.tracking import stopped_by  # a signal: the shell's 128 + its number
+
+        if (signum := stopped_by(err)) is None:
+            raise
+        sys.exit(128 + int(signum))
     except Exception as err:
         if (medx_err := user_error(err)) is None:
             raise

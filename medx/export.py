@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,9 +62,10 @@ import torch
 from medx.cli import user_errors
 from medx.errors import MedxError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("medx.export")  # also under `python -m`
 
 OPSET = 17
+MAX_OPSET = 20  # the TorchScript exporter's highest
 INPUT, OUTPUT = "image", "logits"
 TOLERANCE = 1e-4  # largest |logit difference| onnxruntime vs PyTorch that passes
 EXPORT_BATCH = 2  # the dummy input's batch; the check runs 1 and CHECK_BATCH
@@ -78,12 +80,20 @@ class ExportError(MedxError):
 class CheckError(ExportError):
     """onnxruntime and PyTorch disagree on an exported file."""
 
-    def __init__(self, path: Path, diff: float, case: str, tolerance: float, kept: bool) -> None:
-        self.path, self.diff, self.case = path, diff, case
+    def __init__(
+        self, path: Path, diff: float, case: str, tolerance: float, rounding: float, kept: bool
+    ) -> None:
+        self.path, self.diff, self.case, self.rounding = path, diff, case, rounding
         fate = "" if kept else "; the file was not written"
+        if diff <= 4 * rounding:  # as far from PyTorch as PyTorch's float32 is from float64
+            advice = "the export is right, the limit is below float32 precision for logits this "
+            advice += "large: raise --tolerance"
+        else:
+            advice = "the export is wrong: try another --opset, or report the network"
         super().__init__(
             f"ONNX export {path} disagrees with PyTorch: largest |logit difference| {diff:.3g} "
-            f"> {tolerance:g} ({case}){fate}. Try another --opset, or report the network."
+            f"> {tolerance:g} ({case}){fate}. PyTorch's own float32 rounding there is "
+            f"{rounding:.3g} (vs float64), so {advice}."
         )
 
 
@@ -196,11 +206,6 @@ def write_onnx(model: torch.nn.Module, out: Path, size: int, opset: int = OPSET)
     """Trace `model` (eval mode, float32, CPU) into `out` with dynamic axes and metadata."""
     import onnx
 
-    if getattr(model, "inputs", "image") != "image":
-        raise ExportError(
-            f"{model.card.get('checkpoint', 'This model')} is a {type(model).__name__}, which "
-            "takes image features, not images: only image classifiers and segmenters export."
-        )
     model = model.float().cpu().eval()
     dims = {0: "batch", 2: "height", 3: "width"} if model.task == "segmentation" else {0: "batch"}
     dummy = torch.rand(EXPORT_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -302,21 +307,35 @@ def verify(
     `tolerance`. A NaN anywhere fails too."""
     runtime = OnnxModel(onnx_path)
     size = int(runtime.input["image_size"])
-    worst, worst_case, cases = 0.0, "", []
+    worst, worst_case, worst_x, cases = 0.0, "", None, []
     for batch, height, width in check_cases(model, size):
         x = as_batch(images, batch, height, width)
         with torch.inference_mode():
             expected = model(x).float().numpy()
-        got = runtime(x.numpy())
         case = f"batch {batch}, {height}x{width} px"
         cases.append(case)
-        diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else np.inf
+        try:
+            got = runtime(x.numpy())
+        except Exception as err:  # onnxruntime refuses the shape: an axis was fixed by tracing
+            got, case = None, f"{case}: onnxruntime failed: {str(err).splitlines()[0][:200]}"
+        same = got is not None and got.shape == expected.shape
+        diff = float(np.max(np.abs(got - expected))) if same else np.inf
         diff = np.inf if np.isnan(diff) else diff
         if diff > worst:
-            worst, worst_case = diff, case
+            worst, worst_case, worst_x = diff, case, x
     if not worst <= tolerance:
-        raise CheckError(onnx_path, worst, f"{worst_case}, {described}", tolerance, kept=True)
+        case = f"{worst_case}, {described}"
+        rounding = float32_rounding(model, worst_x)
+        raise CheckError(onnx_path, worst, case, tolerance, rounding, kept=True)
     return Check(worst, cases, described, tolerance)
+
+
+def float32_rounding(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """How far the model's float32 logits are from its float64 ones on x: the precision that
+    an exact export can be held to (deep segmenters with logits near 10 reach 5e-5)."""
+    exact = deepcopy(model).double()
+    with torch.inference_mode():
+        return float((model(x).double() - exact(x.double())).abs().max())
 
 
 # --- MLflow ---------------------------------------------------------------------------------
@@ -411,6 +430,15 @@ def export_model(
     renamed (a failed check leaves no file, nor an older export replaced)."""
     import onnx
 
+    if getattr(model, "inputs", "image") != "image":
+        raise ExportError(
+            f"{model.card.get('checkpoint', 'This model')} is a {type(model).__name__}, which "
+            "takes image features, not images: only image classifiers and segmenters export."
+        )
+    if not 9 <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"--opset {opset}: the TorchScript exporter writes opsets 9 to {MAX_OPSET}."
+        )
     size = size or image_size(model)
     tmp = out.parent / f".{out.name}.unverified"
     try:
@@ -418,7 +446,7 @@ def export_model(
         try:
             check = verify(model, tmp, images, described, tolerance)
         except CheckError as err:
-            raise CheckError(out, err.diff, err.case, tolerance, kept=False) from err
+            raise CheckError(out, err.diff, err.case, tolerance, err.rounding, False) from err
         proto = onnx.load(str(tmp))
         set_metadata(proto, {"medx.check": check.as_dict()})
         onnx.save(proto, str(tmp))
@@ -578,13 +606,11 @@ def main(argv: list[str] | None = None) -> Exported:
         )
     check = done.check
     if "synthetic" in check.images:
-        print(
-            "No --check-images: verified on synthetic phantom images; pass a folder of real ones."
-        )
+        print("No --check-images: verified on synthetic phantom images, not real ones.")
     print(
-        f"Exported {done.path} ({EXPORTER}, opset {args.opset}). onnxruntime vs PyTorch on "
-        f"{check.images} ({'; '.join(check.cases)}): largest |logit difference| "
-        f"{check.max_abs_diff:.3g} (limit {check.tolerance:g})."
+        f"Exported {done.path} (TorchScript exporter, opset {args.opset}); onnxruntime vs "
+        f"PyTorch on {check.images} at {' and '.join(check.cases)}: largest |logit "
+        f"difference| {check.max_abs_diff:.3g} (limit {check.tolerance:g})."
     )
     return done
 

@@ -442,7 +442,7 @@ def _known_versions(client: MlflowClient, name: str) -> list[str] | None:
     except MlflowException:
         return None
     found = client.search_model_versions(f"name = '{name}'")
-    return sorted((v.version for v in found), key=int)
+    return sorted((str(v.version) for v in found), key=int)
 
 
 def _aliases(client: MlflowClient, name: str) -> list[str]:

@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
+from medx import store, tracking
 from medx.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,9 @@ class ParentRun(Callback):
         if not str(logger.get("_target_", "")).endswith("MLFlowLogger"):
             return  # logger=csv/none: nothing to nest
         self.client = MlflowClient(tracking_uri=str(logger.tracking_uri))
-        experiment = self.client.get_experiment_by_name(logger.experiment_name)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(logger.experiment_name)
-        )
+        # created as a run would create it: artifacts beside the store, the training view
+        experiment_id = store.ensure_experiment(self.client, logger.experiment_name)
+        tracking.tag_training_experiment(self.client, experiment_id)
         overrides = list(config.hydra.overrides.task)
         self.sweep_dir = sweep_dir = Path(str(config.hydra.sweep.dir))
         run = self.client.create_run(

@@ -9,6 +9,7 @@ before medx did so, so that the UI shows it as a "Machine learning" experiment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 
 from mlflow import MlflowClient
@@ -39,10 +40,8 @@ def link(uri: str, experiment: str, base: str) -> str:
         found = client.get_experiment_by_name(experiment)
     if found is None:
         return f"MLflow UI: {base}  (no experiment {experiment!r} in {uri} yet)"
-    try:
+    with contextlib.suppress(MlflowException):  # a read-only store: the link still works
         tracking.tag_training_experiment(client, found.experiment_id)
-    except MlflowException:
-        pass  # a read-only store: the link still works
     return f"MLflow UI, experiment {experiment!r}: {runs_url(base, found.experiment_id)}"
 
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from medx_cli import run_train
 from omegaconf import DictConfig, OmegaConf
 
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
+from medx.eval import _new_dir
 from medx.schema import check
 from medx.train import train
 
@@ -89,3 +91,24 @@ EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_shipped_experiment_passes_the_schema(experiment: str):
     check(compose([f"experiment={experiment}"]))
+
+
+@pytest.mark.slow
+def test_the_cli_names_bad_values_and_an_output_folder_that_is_a_file_before_making_anything(
+    tmp_path: Path, phantom_cache: Path
+):
+    a_file = tmp_path / "results"
+    a_file.write_text("not a folder")
+    out = run_train(tmp_path, phantom_cache, "data.image_size=0", f"hydra.run.dir={a_file}/run")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("medx: data.image_size=0 must be an integer >= 1")
+    assert f"(hydra.run.dir) {a_file}/run: {a_file} is a file, not a folder" in last
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no store, no outputs/
+
+
+def test_medx_eval_names_an_eval_folder_that_is_a_file(tmp_path: Path):
+    (tmp_path / "eval").write_text("")
+    with pytest.raises(ConfigError, match=f"folder {tmp_path / 'eval'}: .* is a file"):
+        _new_dir(tmp_path / "eval")

@@ -154,8 +154,9 @@ def server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """`create_app(settings)` under a real uvicorn server in a thread; its URL once ready."""
+def serving(settings: Settings, ready: int = 200) -> Iterator[str]:
+    """`create_app(settings)` under a real uvicorn server in a thread; its URL once /ready
+    answers `ready` (503: the model failed to load)."""
     import uvicorn
 
     app = create_app(settings)
@@ -166,7 +167,7 @@ def serving(settings: Settings) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{url}/ready", 200, 300, thread.is_alive)
+        _wait(f"{url}/ready", ready, 300, thread.is_alive)
         yield url
     finally:
         server.should_exit = True
@@ -401,6 +402,36 @@ def test_a_segmenter_answers_with_the_mask_of_medx_predict(make_cfg, tmp_path: P
         assert np.array_equal(mask, cv2.imread(str(expected), cv2.IMREAD_UNCHANGED))
         wrong = httpx.post(f"{url}/predict", files={"file": (folder / "scan.png").open("rb")})
         _assert_error(wrong, 400, "segmentation model", "/segment")
+
+
+def test_a_model_that_cannot_load_is_reported_and_browsers_get_cors(tmp_path: Path):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_text("not a checkpoint")
+    origin = "https://viewer.example"
+    settings = Settings(model=str(broken), cors_origins=(origin,), token=TOKEN)
+    with serving(settings, ready=503) as url:
+        deadline = time.monotonic() + 300
+        while "still loading" in (answer := httpx.get(f"{url}/ready")).text:
+            assert time.monotonic() < deadline, "the loading thread never gave up"
+            time.sleep(0.1)
+        _assert_error(answer, 503, "could not be loaded", "broken.ckpt")
+        answer = httpx.post(f"{url}/predict", files={"file": ("x.png", b"")}, headers=AUTH)
+        _assert_error(answer, 503, "not a PyTorch checkpoint")
+        assert httpx.get(f"{url}/health").status_code == 200
+        # a browser page on an allowed origin: the preflight passes without the token, and
+        # the refusal of a request without it is readable by the page
+        preflight = httpx.options(
+            f"{url}/predict",
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization"},
+        )  # fmt: skip
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == origin
+        refused = httpx.post(f"{url}/predict", headers={"Origin": origin})
+        _assert_error(refused, 401)
+        assert refused.headers["access-control-allow-origin"] == origin
+        other = httpx.get(f"{url}/health", headers={"Origin": "https://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
 
 
 def test_settings_come_from_flags_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_path):

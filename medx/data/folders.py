@@ -147,7 +147,8 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         root = self.resolve_root()
         layout = {s: root / s for s in SPLITS if (root / s).is_dir()}
         pool_dir = layout.get("train", root)
-        self.classes = self.classes or class_folders(pool_dir)
+        # root/{val,test}/ beside root/<class>/ (no train/) are splits, not classes
+        self.classes = self.classes or [c for c in class_folders(pool_dir) if c not in layout]
         if len(self.classes) < 2:
             raise DataError(
                 f"{pool_dir} has {len(self.classes)} class folder(s) {self.classes}; a classifier "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from medx.cli import user_errors
 from medx.serve.settings import from_args
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors("medx.serve"):
         settings = from_args(argv)
         settings.check_files()
+    if settings.workers > 1 and not settings.threads:  # N processes must share the cores
+        settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // settings.workers))
     import uvicorn
 
     # Every worker process builds its app from the environment (uvicorn imports the factory

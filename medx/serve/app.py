@@ -204,6 +204,8 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """uvicorn's factory (`medx.serve.app:app_from_env`): the settings from MEDX_SERVE_*."""
+    if not logging.getLogger().handlers:  # a worker process: medx's log lines, as uvicorn's
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return create_app(Settings.from_env())
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from medx.cli import user_error
 from medx.config import compose
 from medx.data.quality import QualityDataModule, load_sample
 from medx.errors import ConfigError
-from medx.cli import user_error
 
 
 def quality(cache: Path, tmp_path: Path, **kwargs) -> QualityDataModule:
