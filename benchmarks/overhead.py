@@ -146,27 +146,39 @@ def main() -> None:
                 cfg = config(home, args.epochs, args.overrides, run=2 * pair + len(speed))
                 images, seconds = (hand_side if side == "hand" else medx_side)(cfg)
                 speed[side] = images / seconds
-                print(f"pair {pair + 1} {side:<4} {images} images in {seconds:6.1f} s: "
-                      f"{speed[side]:6.1f} images/s", flush=True)
+                print(
+                    f"pair {pair + 1} {side:<4} {images} images in {seconds:6.1f} s: "
+                    f"{speed[side]:6.1f} images/s",
+                    flush=True,
+                )
             hand.append(speed["hand"])
             medx.append(speed["medx"])
             ratios.append(speed["medx"] / speed["hand"])
         assert cfg is not None
         norm = normalise_cost(cfg)
     load = os.getloadavg()[0]
-    print(f"\nframework overhead ({os.cpu_count()} CPUs, load average {load:.1f} at the end; "
-          f"{args.pairs} alternations x {args.epochs} timed epochs, medians)")
+    print(
+        f"\nframework overhead ({os.cpu_count()} CPUs, load average {load:.1f} at the end; "
+        f"{args.pairs} alternations x {args.epochs} timed epochs, medians)"
+    )
     print(f"  hand loop   {statistics.median(hand):7.1f} images/s")
     print(f"  medx.train  {statistics.median(medx):7.1f} images/s")
-    print(f"  ratio       {statistics.median(ratios):7.3f}   goal >= {GOAL}   "
-          f"(per pair: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(
+        f"  ratio       {statistics.median(ratios):7.3f}   goal >= {GOAL}   "
+        f"(per pair: {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
     batch = cfg.data.batch_size
     per_batch = batch / statistics.median(hand)
-    print(f"  input normalisation in forward: {norm * 1e3:.2f} ms per batch of {batch} "
-          f"({norm / per_batch:.2%} of a training step)")
+    print(
+        f"  input normalisation in forward: {norm * 1e3:.2f} ms per batch of {batch} "
+        f"({norm / per_batch:.2%} of a training step)"
+    )
     if load > (os.cpu_count() or 1):
-        print("  measured under load (load average above the CPU count): compare ratios, "
-              "not throughputs", file=sys.stderr)
+        print(
+            "  measured under load (load average above the CPU count): compare ratios, "
+            "not throughputs",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ images repeated into 3 channels), values in [0, 1] (uint8 pixels / 255), decoded
 as `medx.data.io.read_image` + `ImageTransform` do (`medx.preprocessing`).
 
 - Classifier: `image` [batch, 3, S, S] with S the training `image_size`; any batch size.
-  Output `logits` [batch, classes]; probabilities = softmax(logits / `medx.temperature`).
+  Output `logits` [batch, classes]; probabilities = softmax(logits / `medx.temperature`); a
+  binary model's `medx.threshold` applies to softmax(logits)[:, 1], uncalibrated (as in the
+  card; `medx.predict.Decision` maps it onto the calibrated scale).
 - Segmenter: `image` [batch, 3, H, W], any batch, H and W multiples of the network's stride
   (`medx.input.stride`, 32 for a 5-stage encoder). A caller pads other sizes at the bottom and
   right by repeating the edge pixels (`numpy.pad(x, ((0, 0), (0, 0), (0, -H % s), (0, -W % s)),
   mode="edge")`, as `pad_to_stride` does) and crops the output back to [..., :H, :W].
-  Output `logits` [batch, 1, H, W]; mask = sigmoid(logits) >= `medx.threshold`.
+  Output `logits` [batch, 1, H, W]; mask = sigmoid(logits) >= `medx.threshold`, then the
+  `medx.postprocess` step named in the file.
 
 **Exporter and opset.** The TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) at
 opset 17. The torch.export-based one (`dynamo=True`, torch's default since 2.9) needs the
@@ -29,7 +32,9 @@ BatchNormalization folded, Resize, GlobalAveragePool, Gemm) and runs on onnxrunt
 TensorRT 8.6 and OpenVINO; newer opsets add nothing these graphs use. The export is not done
 until it is verified (as MONAI's `convert_to_onnx(verify=True)`): the written file is run with
 onnxruntime and PyTorch at a batch size, and for segmenters an image size, other than the
-export's dummy input, and a logit difference over `--tolerance` (1e-4) fails the export.
+export's dummy input, and a logit difference over `--tolerance` (1e-4) fails the export. It
+runs on `--check-images DIR` (3 images spread over the sorted folder); without one, on 3
+synthetic phantom chest images (seed 0), and the command says so.
 
 **Metadata** (`metadata_props`, every value JSON): `medx.card` (the whole model card),
 `medx.task`, `medx.class_names`, `medx.threshold`, `medx.operating_point`,

@@ -92,8 +92,9 @@ def pixel_count(path: Path) -> int | None:
         return None
 
 
-def read_checked(path: Path, max_pixels: int) -> np.ndarray:
-    """Decode one file after refusing one whose header claims more than `max_pixels`."""
+def read_checked(path: Path, max_pixels: int, intensity: str = "none") -> np.ndarray:
+    """Decode one file after refusing one whose header claims more than `max_pixels`;
+    `intensity`: the model's per-image standardisation (its card's `input.intensity`)."""
     n = pixel_count(path)
     if n is not None and n > max_pixels:
         raise BadImageError(
@@ -102,14 +103,17 @@ def read_checked(path: Path, max_pixels: int) -> np.ndarray:
             "a real image).",
             path,
         )
-    return read_image(path)
+    return read_image(path, intensity)
 
 
 class ImageFiles(Dataset):
     """Files → (image tensor in [0, 1] at the model's size, index, error message)."""
 
-    def __init__(self, paths: Sequence[Path], size: int, max_pixels: int) -> None:
+    def __init__(
+        self, paths: Sequence[Path], size: int, max_pixels: int, intensity: str = "none"
+    ) -> None:
         self.paths, self.size, self.max_pixels = list(paths), size, max_pixels
+        self.intensity = intensity
         self.transform = ImageTransform(size, "none")
 
     def __len__(self) -> int:
@@ -117,17 +121,23 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         try:
-            return self.transform(read_checked(self.paths[i], self.max_pixels)), i, ""
+            image = read_checked(self.paths[i], self.max_pixels, self.intensity)
+            return self.transform(image), i, ""
         except MedxError as err:
             message = str(err) if str(self.paths[i]) in str(err) else f"{self.paths[i]}: {err}"
             return torch.zeros(3, self.size, self.size), i, message
 
 
 def batches(
-    paths: Sequence[Path], size: int, max_pixels: int, batch_size: int, workers: int
+    paths: Sequence[Path],
+    size: int,
+    max_pixels: int,
+    batch_size: int,
+    workers: int,
+    intensity: str = "none",
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     loader = DataLoader(
-        ImageFiles(paths, size, max_pixels),
+        ImageFiles(paths, size, max_pixels, intensity),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
@@ -215,6 +225,7 @@ class Reading:
     temperature: float
     decide: Decision | None
     model_id: str
+    intensity: str = "none"  # the per-image standardisation the model was trained with
 
     @classmethod
     def of(cls, model: torch.nn.Module, options: Options) -> Reading:
@@ -228,6 +239,7 @@ class Reading:
             temperature=temperature,
             decide=Decision(card, options, temperature) if len(classes) == 2 else None,
             model_id=_model_id(card, model),
+            intensity=(card.get("input") or {}).get("intensity") or "none",
         )
 
 
@@ -260,7 +272,9 @@ def predict_classifier(
     explain_class = _class_index(options.gradcam_class, classes)
     rows: list[dict[str, Any]] = []
     writer = _CsvRows(out_dir / "predictions.csv") if out_dir else None
-    stream = batches(paths, size, options.max_pixels, options.batch_size, options.workers)
+    stream = batches(
+        paths, size, options.max_pixels, options.batch_size, options.workers, reading.intensity
+    )
     for x, index, errors in _progress(stream, len(paths), options):
         probs = classify(model, x, temperature, options.tta)
         if options.gradcam or lungs:  # the class reported (TTA's too) is the one explained
@@ -515,6 +529,7 @@ def predict_folder(
     paths. `threshold` and `postprocess` (a `model.postprocess` name) default to the
     checkpoint's. A bad file stops the run, naming it, unless `skip_bad_images`."""
     model = load_segmenter(ckpt_path)
+    intensity = (model.card.get("input") or {}).get("intensity") or "none"
     threshold = model.threshold if threshold is None else threshold
     if postprocess is not None:
         model.postprocess = make_postprocess(postprocess)
@@ -525,7 +540,7 @@ def predict_folder(
     written = []
     for path in find_inputs(Path(input_dir)):
         try:
-            image = read_checked(path, max_pixels)
+            image = read_checked(path, max_pixels, intensity)
         except BadImageError as err:
             if not skip_bad_images:
                 raise BadImageError(f"{err} (or pass --skip-bad-images)", path) from err

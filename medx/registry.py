@@ -99,9 +99,7 @@ def register_selected(trainer: Any, loggers: list[Logger]) -> ModelVersion | Non
     and register it under `logger.register_as` (nothing when that is null). Rank 0 only."""
     from medx import tracking
 
-    wanted = [
-        lg for lg in tracking.mlflow_loggers(loggers) if getattr(lg, "register_as", None)
-    ]
+    wanted = [lg for lg in tracking.mlflow_loggers(loggers) if getattr(lg, "register_as", None)]
     if not wanted:
         return None
     checkpoint = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -171,25 +169,26 @@ def _in_run(logger: MLFlowLogger) -> Iterator[None]:
 
 
 def signature(card: dict[str, Any], model: Any = None) -> ModelSignature:
-    """Images in (binary file bytes), the medx.predict columns out; `tta` and `calibrated`
-    as parameters, like medx.predict's --tta and --no-calibration."""
+    """Images in (binary file bytes), the medx.predict columns out; for classifiers `tta`
+    and `calibrated` as parameters, like medx.predict's --tta and --no-calibration."""
     inputs = Schema([ColSpec("binary", "image")])
+    error = ColSpec("string", "error")
     if card.get("task") == "segmentation":
-        outputs = [ColSpec("binary", "mask"), ColSpec("double", "foreground")]
-    else:
-        outputs = [ColSpec("double", f"p_{c}") for c in _classes(card, model)]
-        outputs += [ColSpec("string", "predicted"), ColSpec("double", "temperature")]
-        if len(_classes(card, model)) == 2:
-            outputs += [
-                ColSpec("string", "decision", required=False),
-                ColSpec("double", "threshold", required=False),
-                ColSpec("string", "threshold_source", required=False),
-            ]
-    outputs.append(ColSpec("string", "error"))
+        outputs = [ColSpec("binary", "mask"), ColSpec("double", "foreground"), error]
+        return ModelSignature(inputs=inputs, outputs=Schema(outputs))
+    classes = _classes(card, model)
+    outputs = [ColSpec("double", f"p_{c}") for c in classes]
+    outputs += [ColSpec("string", "predicted"), ColSpec("double", "temperature")]
+    if len(classes) == 2:
+        outputs += [
+            ColSpec("string", "decision", required=False),
+            ColSpec("double", "threshold", required=False),
+            ColSpec("string", "threshold_source", required=False),
+        ]
     params = ParamSchema(
         [ParamSpec("tta", "boolean", False), ParamSpec("calibrated", "boolean", True)]
     )
-    return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
+    return ModelSignature(inputs=inputs, outputs=Schema([*outputs, error]), params=params)
 
 
 def requirements() -> list[str]:
@@ -391,11 +390,9 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else medx's default store (the one medx.train logs to)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    from medx.config import compose
+    from medx.store import default_uri
 
-    return str(compose().logger.tracking_uri)
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
 def cache_dir() -> Path:

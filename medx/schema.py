@@ -20,6 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from medx.data.intensity import METHODS as INTENSITY_METHODS
 from medx.errors import ConfigError
 
 
@@ -33,10 +34,13 @@ class Rule:
     low_open: bool = False
     high_open: bool = False
     nullable: bool = False
+    choices: tuple[str, ...] = ()  # a word from this list (then no number bounds)
 
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.nullable
+        if self.choices:
+            return value in self.choices
         if isinstance(value, bool) or not isinstance(value, Real):
             return False
         if self.integer and not isinstance(value, int):
@@ -48,6 +52,8 @@ class Rule:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def describe(self) -> str:
+        if self.choices:
+            return f"one of {', '.join(self.choices)}" + (", or null" if self.nullable else "")
         kind = "an integer" if self.integer else "a number"
         bounds = []
         if self.low is not None:
@@ -71,6 +77,10 @@ def fraction(high_open: bool = True) -> Rule:
     return Rule(low=0, high=1, high_open=high_open)
 
 
+def one_of(*choices: str) -> Rule:
+    return Rule(choices=choices)
+
+
 RULES: dict[str, Rule] = {
     "seed": integer(nullable=True),
     "data.image_size": integer(low=1),
@@ -83,6 +93,9 @@ RULES: dict[str, Rule] = {
     "data.n_patients": integer(low=1),
     "data.images_per_patient": integer(low=1),
     "data.prevalence": fraction(high_open=False),
+    "data.augment": one_of("none", "light", "strong"),
+    "data.duplicates": one_of("warn", "error", "drop"),
+    "data.intensity": one_of(*INTENSITY_METHODS),
     "optimizer.lr": positive(),
     "optimizer.weight_decay": Rule(low=0),
     "optimizer.momentum": fraction(),

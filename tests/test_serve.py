@@ -269,6 +269,7 @@ def test_refusals_are_json_a_person_can_act_on(server: Server, medx_data: Path, 
         answer = httpx.post(f"{url}/predict", files=files, headers=headers)
         _assert_error(answer, 401, "Authorization: Bearer")
         assert answer.headers["www-authenticate"] == "Bearer"
+        assert answer.headers["connection"] == "close"  # the upload is not read
         _assert_error(httpx.get(f"{url}/metadata", headers=headers), 401)
     for open_path in ("/health", "/ready", "/docs", "/openapi.json"):
         assert httpx.get(url + open_path).status_code == 200, open_path
@@ -289,6 +290,7 @@ def test_refusals_are_json_a_person_can_act_on(server: Server, medx_data: Path, 
     multipart = {"Content-Type": "multipart/form-data; boundary=b", **AUTH}
     answer = httpx.post(f"{url}/predict", content=endless(), headers=multipart, timeout=120)
     _assert_error(answer, 413, "cut off", "--max-bytes")
+    assert answer.headers["connection"] == "close"
     assert sent < 100 * MB  # the server stopped reading: the client could not send it all
 
     # too many pixels: refused before decoding (400 M gray pixels would take > 1 GB as RGB)

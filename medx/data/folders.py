@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medx.data.duplicates import check_policy, find_duplicates
+from medx.data.intensity import check_method
 from medx.data.io import check_images, is_hidden, list_images, read_image
 from medx.data.loaders import PhantomRoot, SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
@@ -52,14 +53,17 @@ class Samples(Subsettable):
 
 
 class ImageDataset(Dataset):
-    def __init__(self, samples: Samples, transform: ImageTransform) -> None:
-        self.samples, self.transform = samples, transform
+    def __init__(
+        self, samples: Samples, transform: ImageTransform, intensity: str = "none"
+    ) -> None:
+        self.samples, self.transform, self.intensity = samples, transform, intensity
 
     def __len__(self) -> int:
         return len(self.samples.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_image(self.samples.paths[i])), self.samples.labels[i]
+        image = read_image(self.samples.paths[i], self.intensity)
+        return self.transform(image), self.samples.labels[i]
 
 
 class LabelledSplits:
@@ -125,9 +129,11 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         folds: int = 1,
         fold: int = 0,
         duplicates: str = "warn",
+        intensity: str = "none",
     ) -> None:
         super().__init__()
         self.root = Path(root) if root else None
+        self.intensity = check_method(intensity)
         self.name, self.classes = name, list(classes) if classes else None
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.fractions = {"val": val_from_train, "test": test_from_train}
@@ -256,7 +262,7 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         transform = ImageTransform(self.image_size, self.augment if train else "none")
-        return ImageDataset(self.splits[split], transform)
+        return ImageDataset(self.splits[split], transform, self.intensity)
 
 
 def class_folders(folder: Path) -> list[str]:

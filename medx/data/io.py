@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from medx.data.decoder_warnings import map_watching_decoders
+from medx.data.intensity import standardise
 from medx.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
     return cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8U)
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path, keep_depth: bool = False) -> np.ndarray:
     """Read and decode one file to a uint8 array: HxW (gray) or HxWxC (BGR, BGRA, ...)."""
     from medx.data.dicom import is_dicom_file, read_dicom  # dicom.py imports this module
 
@@ -166,7 +167,7 @@ def _decode(path: Path) -> np.ndarray:
             or "cannot be decoded: it is not a PNG, JPEG, BMP, TIFF, WebP or GIF image, or it is "
             "corrupt",
         )
-    return _to_uint8(img, path)
+    return img if keep_depth else _to_uint8(img, path)
 
 
 def _channels(img: np.ndarray, path: Path) -> int:
@@ -177,9 +178,10 @@ def _channels(img: np.ndarray, path: Path) -> int:
     raise _bad(path, f"has pixel array shape {img.shape}; expected 1 to 4 channels")
 
 
-def _read(path: Path) -> tuple[np.ndarray, int]:
-    """(decoded uint8 pixels, channels) of an image at least MIN_SIDE px on each side."""
-    img = _decode(path)
+def _read(path: Path, keep_depth: bool = False) -> tuple[np.ndarray, int]:
+    """(decoded pixels, channels) of an image at least MIN_SIDE px on each side: uint8, or
+    with `keep_depth` the decoder's own type (16-bit, float) for intensity standardisation."""
+    img = _decode(path, keep_depth)
     channels = _channels(img, path)
     height, width = img.shape[:2]
     if min(height, width) < MIN_SIDE:
@@ -201,14 +203,22 @@ def _to_rgb(img: np.ndarray, channels: int) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, intensity: str = "none") -> np.ndarray:
     """Decode to uint8 RGB HxWx3. 8- or 16-bit; gray, gray+alpha, RGB/BGR or RGBA.
 
     Gray is repeated into three channels (backbones are pretrained on RGB); alpha is dropped,
     not blended, because it carries no anatomy. Raises BadImageError naming the file, also
-    for an image under MIN_SIDE px on a side.
+    for an image under MIN_SIDE px on a side. `intensity` (`medx.data.intensity`): a per-image
+    standardisation applied to the pixels at their full depth, before the 8-bit conversion.
     """
-    return _to_rgb(*_read(Path(path)))
+    path = Path(path)
+    if intensity in (None, "none"):
+        return _to_rgb(*_read(path))
+    img, channels = _read(path, keep_depth=True)
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        raise _bad(path, "contains NaN or infinite pixel values")
+    gray = standardise(img[..., 0] if channels == 2 else img, intensity)
+    return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
 
 
 def read_gray(path: str | Path) -> np.ndarray:

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from medx.data.duplicates import check_policy, find_duplicates
 from medx.data.folders import LabelledSplits
+from medx.data.intensity import check_method, standardise
 from medx.data.io import pixel_digest
 from medx.data.loaders import SplitLoaders
 from medx.data.splits import SPLITS
@@ -62,14 +63,18 @@ class ArraySplit:
 
 
 class ArrayDataset(Dataset):
-    def __init__(self, split: ArraySplit, transform: ImageTransform) -> None:
-        self.split, self.transform = split, transform
+    def __init__(
+        self, split: ArraySplit, transform: ImageTransform, intensity: str = "none"
+    ) -> None:
+        self.split, self.transform, self.intensity = split, transform, intensity
 
     def __len__(self) -> int:
         return len(self.split.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.split.images[i]
+        if self.intensity != "none":
+            image = standardise(image, self.intensity)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         return self.transform(image), int(self.split.labels[i])
@@ -132,6 +137,7 @@ class MedMNISTDataModule(LabelledSplits, SplitLoaders):
         augment: str = "none",
         seed: int = 0,
         duplicates: str = "warn",
+        intensity: str = "none",
     ) -> None:
         super().__init__()
         self.flag, self.size = flag, size
@@ -145,6 +151,7 @@ class MedMNISTDataModule(LabelledSplits, SplitLoaders):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.augment, self.seed = augment, seed
         self.duplicates = check_policy(duplicates)
+        self.intensity = check_method(intensity)
         self.splits: dict[str, ArraySplit] = {}
         self.findings: dict[str, dict] = {}
 
@@ -227,4 +234,4 @@ class MedMNISTDataModule(LabelledSplits, SplitLoaders):
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         transform = ImageTransform(self.image_size, self.augment if train else "none")
-        return ArrayDataset(self.splits[split], transform)
+        return ArrayDataset(self.splits[split], transform, self.intensity)

@@ -142,6 +142,11 @@ class QualityDataModule(PhantomDataModule):
                 f"data.train_repeats={train_repeats} must be an integer >= 1 (training windows "
                 "per image and epoch)."
             )
+        if self.intensity != "none":
+            raise ConfigError(
+                f"data.intensity={self.intensity} with data=quality would standardise away the "
+                "contrast and exposure defects the task is about: use data.intensity=none."
+            )
         self.train_crop, self.train_repeats = train_crop, train_repeats
         self.feature_cache = Path(feature_cache) if feature_cache else None
         self.inputs = "image"  # medx.train sets the model family's choice before setup

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from medx.data.decoder_warnings import map_watching_decoders
 from medx.data.duplicates import check_policy, find_duplicates
+from medx.data.intensity import check_method
 from medx.data.io import (
     BadImageError,
     corrupt_image_error,
@@ -88,7 +89,9 @@ def find_masks(
     return pairs
 
 
-def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+def load_pair(
+    image_path: Path, mask_path: Path, size: int, intensity: str = "none"
+) -> tuple[np.ndarray, np.ndarray, bytes]:
     """Decode, check and resize one pair: (size x size x 3 uint8, size x size {0,1} uint8,
     the digest of the full-size image's pixels).
 
@@ -96,7 +99,7 @@ def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray,
     half, so that a 3,000 px mask shrunk to 256 px keeps its outline rather than a nearest-
     neighbour sample of it.
     """
-    image = read_image(image_path)
+    image = read_image(image_path, intensity)
     mask = read_mask(mask_path)
     if mask.shape != image.shape[:2]:
         raise BadImageError(
@@ -149,6 +152,7 @@ class SegmentationDataModule(SplitLoaders):
         seed: int = 0,
         download_hint: str = "",
         duplicates: str = "warn",
+        intensity: str = "none",
     ) -> None:
         super().__init__()
         if image_size % STRIDE:
@@ -165,6 +169,7 @@ class SegmentationDataModule(SplitLoaders):
         self.augment, self.skip_bad_images, self.seed = augment, skip_bad_images, seed
         self.download_hint = download_hint
         self.duplicates = check_policy(duplicates)
+        self.intensity = check_method(intensity)
         self.splits: dict[str, Pairs] = {}
         self.arrays: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         self.digests: dict[Path, bytes] = {}  # pixel digest of every image that loaded
@@ -282,7 +287,7 @@ class SegmentationDataModule(SplitLoaders):
         self, pair: tuple[Path, Path]
     ) -> tuple[np.ndarray, np.ndarray, bytes] | BadImageError:
         try:
-            return load_pair(*pair, self.image_size)
+            return load_pair(*pair, self.image_size, self.intensity)
         except BadImageError as err:
             return err
 

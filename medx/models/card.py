@@ -42,7 +42,8 @@ def training_card(
     }
     size = getattr(datamodule, "image_size", None)
     if size is not None:
-        card["input"] = {"image_size": int(size), **DECODING}
+        intensity = getattr(datamodule, "intensity", "none")
+        card["input"] = {"image_size": int(size), "intensity": intensity, **DECODING}
     return card
 
 

@@ -4,7 +4,8 @@
   cannot make the service store an upload).
 - A body over `max_bytes`: 413 at once when its Content-Length says so; otherwise (chunked,
   or a client that lies) when the count of bytes received passes the limit, while it streams:
-  the rest is never read, and the connection is closed.
+  the rest is never read. Any answer given before the body was read to its end closes the
+  connection, so the server does not read (to drain it) what it refused.
 - A type other than JPEG, PNG or DICOM: 415, told from the file's first bytes, never from
   its name or the Content-Type a client claims.
 
@@ -37,19 +38,12 @@ ACCEPTED = "JPEG, PNG or DICOM (Part 10: with the DICM marker at byte 128)"
 
 
 class Refused(MedxError):
-    """A request the service will not serve: the HTTP status and a message a person can act on.
+    """A request the service will not serve: the HTTP status and a message a person can act on."""
 
-    `close`: end the connection after answering (the rest of a refused upload is not read).
-    """
-
-    def __init__(
-        self, status: int, message: str, headers: dict[str, str] | None = None, close: bool = False
-    ) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message = status, message
         self.headers = dict(headers or {})
-        if close:
-            self.headers["Connection"] = "close"
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -94,7 +88,6 @@ def too_large(max_bytes: int, declared: int | None = None) -> Refused:
         413,
         f"The upload {what}. Send a smaller file (compress it, or export the image at a lower "
         "resolution), or ask the operator to raise --max-bytes.",
-        close=True,
     )
 
 
@@ -110,11 +103,14 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])  # lower-case names; the last of repeated ones
+        has_body = b"content-length" in headers or b"transfer-encoding" in headers
+        body = _Body(receive, self.max_bytes, has_body)
+        send = body.closing(send)
         refusal = self._authorise(scope, headers) or self._declared_size(headers)
         if refusal is not None:
             await error_response(refusal)(scope, receive, send)
             return
-        await self.app(scope, self._counting(receive), send)
+        await self.app(scope, body.receive, send)
 
     def _authorise(self, scope: Scope, headers: dict[bytes, bytes]) -> Refused | None:
         if self.expected is None or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
@@ -137,20 +133,34 @@ class Guard:
         try:
             length = int(declared)
         except ValueError:
-            return Refused(400, f"Content-Length {declared!r} is not a number.", close=True)
+            return Refused(400, f"Content-Length {declared!r} is not a number.")
         return too_large(self.max_bytes, length) if length > self.max_bytes else None
 
-    def _counting(self, receive: Receive) -> Receive:
-        """`receive` that raises Refused(413) once the body passes max_bytes."""
-        received = 0
 
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise too_large(self.max_bytes)
-            return message
+class _Body:
+    """One request's body as the app reads it: counted against max_bytes (Refused 413 once
+    past it), and whether it was read to its end. A response that starts before then (a
+    refusal) closes the connection, so the server does not go on reading a body nobody wants
+    (uvicorn would otherwise drain it to reuse the connection)."""
 
-        return counted
+    def __init__(self, receive: Receive, max_bytes: int, expected: bool) -> None:
+        self.source, self.max_bytes = receive, max_bytes
+        self.received, self.done = 0, not expected
+
+    async def receive(self) -> Message:
+        message = await self.source()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+            if self.received > self.max_bytes:
+                raise too_large(self.max_bytes)
+        return message
+
+    def closing(self, send: Send) -> Send:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start" and not self.done:
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        return sending

@@ -11,7 +11,8 @@ slows both alike; the figures are medians over repeats. Both sides use `--thread
 ratio measures the neighbours, not the runtimes).
 Goal: ratio ≥ 1.5.
 
-Usage: [MEDX_DATA=/path] python benchmarks/onnx.py [--threads 1] [--repeats 7] [--iterations 30]
+Usage: [MEDX_DATA=/path] python benchmarks/onnx_speed.py [--threads 1] [--repeats 7]
+       [--iterations 30]
 """
 
 from __future__ import annotations
@@ -19,15 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Run as `python benchmarks/onnx.py`, this folder comes first on sys.path and this file, named
-# onnx.py, would shadow the onnx package that the exporter imports.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import torch
 
