@@ -205,17 +205,17 @@ def report(
         f"inference thread(s), {os.cpu_count()} CPUs shared with other jobs; medians of "
         f"{args.repeats} rounds of {args.requests} requests per client level"
     )
-    print(f"{'side':<36} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'÷ in-process':>13}")
+    print(f"{'side':<40} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'÷ in-process':>13}")
     for name, rate in base.items():
-        print(f"{f'in-process ({name}), one at a time':<36} {rate:7.1f} {1000 / rate:8.1f}")
+        print(f"{f'in-process ({name}), one at a time':<40} {rate:7.1f} {1000 / rate:8.1f}")
     batch = statistics.median(batched)
-    print(f"{'in-process, medx.predict batched':<36} {batch:7.1f}")
+    print(f"{'in-process, medx.predict batched':<40} {batch:7.1f}")
     for (name, clients), results in served.items():
         rps = statistics.median(r["rps"] for r in results)
         p50 = statistics.median(r["p50"] for r in results)
         p95 = statistics.median(r["p95"] for r in results)
         label = f"service ({name}), {clients} client{'s' if clients > 1 else ''}"
-        print(f"{label:<36} {rps:7.1f} {p50:8.1f} {p95:8.1f} {rps / base[name]:13.2f}")
+        print(f"{label:<40} {rps:7.1f} {p50:8.1f} {p95:8.1f} {rps / base[name]:13.2f}")
     for name in services:
         ratios = [
             statistics.median(r["rps"] for r in results) / base[name]

@@ -359,8 +359,11 @@ def resolve_model_uri(path: str | Path) -> Path:
         return Path(path)
     uri = str(path)
     name, version, alias = parse_model_uri(uri)
+    from medx import store
+
     tracking = tracking_uri()
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    store.check(registry, write=False)  # a missing sqlite file: said, and not created
     client = MlflowClient(tracking_uri=tracking, registry_uri=registry)
     found = _model_version(client, uri, name, version, alias, registry)
     # keyed by the version's source too: the same name and version differ between registries

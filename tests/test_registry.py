@@ -37,7 +37,7 @@ from medx import eval as medx_eval
 from medx import predict, registry, tracking, ui
 from medx.cli import user_error
 from medx.config import compose
-from medx.errors import CheckpointError, ConfigError
+from medx.errors import CheckpointError, ConfigError, MedxError
 from medx.models.load import load, model_card, read_checkpoint
 from medx.train import train
 
@@ -235,7 +235,9 @@ def test_models_uris_open_wherever_a_checkpoint_is_taken(
     assert metrics["test/auroc"] == pytest.approx(registered.metrics["test/auroc"])
 
 
-def test_models_uris_that_name_nothing_say_what_exists(registered: Registered):
+def test_models_uris_that_name_nothing_say_what_exists(
+    registered: Registered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     with pytest.raises(CheckpointError, match=rf"models:/{NAME}/7 .* has versions \['1'\]"):
         registry.resolve_model_uri(f"models:/{NAME}/7")
     with pytest.raises(CheckpointError, match=r"no registered model 'nobody'.*register_as"):
@@ -246,6 +248,10 @@ def test_models_uris_that_name_nothing_say_what_exists(registered: Registered):
         registry.resolve_model_uri(f"models:/{NAME}")
     with pytest.raises(SystemExit, match=r"^medx.predict: models:/nobody/1 cannot be opened"):
         predict.main(["models:/nobody/1", str(registered.images[0])])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/typo.db")
+    with pytest.raises(MedxError, match=r"typo.db does not exist \(nothing created\)"):
+        load(f"models:/{NAME}/1")
+    assert not (tmp_path / "typo.db").exists()
 
 
 # --- make ui --------------------------------------------------------------------------------
