@@ -26,7 +26,10 @@ test: install
 lint: install
 	$(BIN)/ruff check medx tests benchmarks
 
+EXPERIMENT ?= medx
+
 ui: install
+	-@$(BIN)/python -m medx.ui --backend-store-uri $(MLFLOW_DB) --experiment $(EXPERIMENT) --port $(PORT)
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port $(PORT)
 
 # A tracking server for a team: runs log to it with MLFLOW_TRACKING_URI=http://<host>:$(PORT).

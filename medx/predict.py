@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medx.cli import user_errors
-from medx.data.io import BadImageError, is_image_file, read_image
+from medx.data.io import BadImageError, is_image_file, read_image, with_hint
 from medx.data.transforms import ImageTransform
 from medx.errors import DataError, MedxError
 from medx.models.load import load
@@ -123,8 +123,9 @@ class ImageFiles(Dataset):
         try:
             image = read_checked(self.paths[i], self.max_pixels, self.intensity)
             return self.transform(image), i, ""
-        except MedxError as err:
-            message = str(err) if str(self.paths[i]) in str(err) else f"{self.paths[i]}: {err}"
+        except MedxError as err:  # the row says why; the other files are predicted
+            message = with_hint(err, "")
+            message = message if str(self.paths[i]) in message else f"{self.paths[i]}: {message}"
             return torch.zeros(3, self.size, self.size), i, message
 
 
@@ -543,7 +544,8 @@ def predict_folder(
             image = read_checked(path, max_pixels, intensity)
         except BadImageError as err:
             if not skip_bad_images:
-                raise BadImageError(f"{err} (or pass --skip-bad-images)", path) from err
+                hint = "Delete or replace the file, or pass --skip-bad-images to skip bad images."
+                raise BadImageError(with_hint(err, hint), path) from err
             log.warning("Skipping %s", err)
             continue
         target = out / f"{path.stem}.png"

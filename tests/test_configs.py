@@ -356,7 +356,7 @@ def test_logger_choice_is_that_logger(choice: str, tmp_path: Path, monkeypatch):
     if choice == "csv":
         assert type(logger) is CSVLogger and logger.save_dir == f"{tmp_path}/run"
     elif choice == "mlflow":
-        assert type(logger) is MLFlowLogger
+        assert isinstance(logger, MLFlowLogger) and logger.register_as is None
         assert logger._tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
         assert logger._experiment_name == "medx"
         assert logger._run_name == "resnet18-phantom-full"

@@ -87,6 +87,15 @@ def test_phantom_checkpoint_predicts_masks_at_the_original_size(
         assert set(mask.flatten().tolist()) <= {0, 255}
     predict_main([str(ckpt), str(inputs), str(tmp_path / "cli")])
     assert "3 masks written" in capsys.readouterr().out
+
+    # a bad file names medx.predict's own flag, not the training key
+    (inputs / "cut.png").write_bytes(originals[0].read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"cut\.png.*--skip-bad-images") as stop:
+        predict_main([str(ckpt), str(inputs), str(tmp_path / "bad")])
+    assert "data.skip_bad_images" not in str(stop.value.code)
+    predict_main([str(ckpt), str(inputs), str(tmp_path / "skip"), "--skip-bad-images"])
+    assert "3 masks written" in capsys.readouterr().out
+    (inputs / "cut.png").unlink()
     assert len(list((tmp_path / "cli").glob("*.png"))) == 3
 
     # the lung prior on request: a low threshold makes specks, --postprocess lungs removes them

@@ -1,9 +1,10 @@
 """`python -m medx.serve`: real uvicorn servers on loopback ports, driven over HTTP with httpx.
 
 The main server is the command line itself, in a subprocess (its memory is measured apart
-from the tests'), serving a tiny classifier trained for one epoch with a quality model beside
-it, a bearer token and a 2 MB upload limit. ONNX and segmentation servers run `create_app` in
-a thread of the test process.
+from the tests'), serving a tiny classifier trained for one epoch on CLAHE-standardised
+images (so the service must apply the card's intensity step as medx.predict does) with a
+quality model beside it, a bearer token and a 2 MB upload limit. ONNX and segmentation
+servers run `create_app` in a thread of the test process.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, phantom_cache: Path) -> Mod
     root = tmp_path_factory.mktemp("models")
     qc = ("data=quality", "model=quality_logreg", "data.n_patients=20", "trainer.max_epochs=10")
     return Models(
-        classifier=_train(root / "classifier", phantom_cache),
+        classifier=_train(root / "classifier", phantom_cache, "data.intensity=clahe"),
         qc=_train(root / "qc", phantom_cache, *qc),
     )
 

@@ -74,6 +74,11 @@ class BadImageError(DataError):
         self.path = path
 
 
+def with_hint(err: BaseException, hint: str) -> str:
+    """The error's message with medx.train's "what to do" replaced by a command's own."""
+    return str(err).replace(_WHAT_TO_DO, hint).strip()
+
+
 def _bad(path: Path, problem: str) -> BadImageError:
     return BadImageError(f"Image {path} {problem}. {_WHAT_TO_DO}", path)
 

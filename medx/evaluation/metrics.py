@@ -53,8 +53,11 @@ def auroc(labels: np.ndarray, probs: np.ndarray, counts: np.ndarray | None = Non
         ties = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])  # first of each score
         pos = labels[order] == c
         drawn = counts[:, order]
-        n_pos_at = np.add.reduceat(drawn * pos, ties, axis=1)  # (B, distinct scores)
-        n_neg_at = np.add.reduceat(drawn * ~pos, ties, axis=1)
+        n_pos_at = drawn * pos  # (B, distinct scores) once ties are summed
+        n_neg_at = drawn - n_pos_at
+        if len(ties) < len(scores):
+            n_pos_at = np.add.reduceat(n_pos_at, ties, axis=1)
+            n_neg_at = np.add.reduceat(n_neg_at, ties, axis=1)
         below = np.cumsum(n_neg_at, axis=1) - n_neg_at  # negatives scoring lower
         twice_u = (n_pos_at * (2 * below + n_neg_at)).sum(1)  # integers: exact
         n_pos, n_neg = n_pos_at.sum(1), n_neg_at.sum(1)

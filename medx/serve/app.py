@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,7 +32,13 @@ import medx
 from medx.errors import MedxError
 from medx.serve.limits import Guard, Refused, error_body, error_response
 from medx.serve.settings import Settings
-from medx.serve.uploads import decode, receive_upload, temporary_folder, warm_up_decoding
+from medx.serve.uploads import (
+    Upload,
+    decode,
+    receive_upload,
+    temporary_folder,
+    warm_up_decoding,
+)
 
 log = logging.getLogger("medx.serve")
 
@@ -127,6 +134,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     _add_error_handlers(app)
 
+    async def _decode(upload: Upload, intensity: str) -> np.ndarray:
+        return await anyio.to_thread.run_sync(
+            decode, upload, settings.max_pixels, intensity, limiter=work
+        )
+
     @app.get("/health", summary="The process is alive")
     async def health() -> dict[str, str]:
         return {"status": "alive"}
@@ -154,11 +166,12 @@ def create_app(settings: Settings) -> FastAPI:
         with temporary_folder() as folder:
             upload = await receive_upload(request, Path(folder))
             received = time.perf_counter()
-            image = await anyio.to_thread.run_sync(
-                decode, upload, settings.max_pixels, limiter=work
-            )
+            image = await _decode(upload, model.intensity)
+            raw = await _decode(upload, "none") if model.needs_raw(explain) else None
             decoded = time.perf_counter()
-            answer = await anyio.to_thread.run_sync(model.classify, image, explain, limiter=work)
+            answer = await anyio.to_thread.run_sync(
+                model.classify, image, explain, raw, limiter=work
+            )
         timing = answer.pop("timing_ms")
         done = time.perf_counter()
         return {
@@ -187,9 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
         model = slot.get()
         with temporary_folder() as folder:
             upload = await receive_upload(request, Path(folder))
-            image = await anyio.to_thread.run_sync(
-                decode, upload, settings.max_pixels, limiter=work
-            )
+            image = await _decode(upload, model.intensity)
             mask = await anyio.to_thread.run_sync(model.segment, image, limiter=work)
         png = await anyio.to_thread.run_sync(_png, mask, limiter=work)
         headers = {

@@ -85,8 +85,22 @@ class ServedModel:
     def explainable(self) -> bool:
         return self.backend == "pytorch" and self.task == "classification"
 
-    def classify(self, image: np.ndarray, explain: bool) -> dict[str, Any]:
-        """The answer for one decoded image (HxWx3 uint8 RGB) and the time spent on it."""
+    @property
+    def intensity(self) -> str:
+        """The per-image standardisation the model was trained with (`medx.data.intensity`),
+        applied when decoding its input."""
+        return (self.card.get("input") or {}).get("intensity") or "none"
+
+    def needs_raw(self, explain: bool) -> bool:
+        """Whether one request needs the image as decoded without the model's intensity
+        step too: the quality model judges, and Grad-CAM is drawn on, the image as it is."""
+        return self.intensity != "none" and (self.gate is not None or explain)
+
+    def classify(
+        self, image: np.ndarray, explain: bool, raw: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """The answer for one decoded image (HxWx3 uint8 RGB, decoded with `intensity`) and
+        the time spent on it; `raw`: the same file decoded without it (see `needs_raw`)."""
         if self.reading is None:
             raise Refused(400, self._wrong_endpoint("/predict"))
         if explain and not self.explainable:
@@ -96,11 +110,12 @@ class ServedModel:
                 "ONNX export has not); ask without explain, or serve the .ckpt file.",
             )
         reading = self.reading
+        raw = image if raw is None else raw
         x = self.transform(image)[None]
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter()
-            quality = self._quality(image)
+            quality = self._quality(raw)
             refused = quality is not None and quality["refused"]
             probs = None if refused else classify(self.net, x, reading.temperature, False)[0]
             cam = self._cam(x) if explain and not refused else None
@@ -120,7 +135,7 @@ class ServedModel:
         answer["temperature"] = reading.temperature
         answer["quality"] = quality
         if cam is not None:
-            answer["gradcam_png"] = _png_base64(_overlay(image, cam))
+            answer["gradcam_png"] = _png_base64(_overlay(raw, cam))
         answer["timing_ms"] = {
             "queue": 1000 * (waited - start),
             "inference": 1000 * (inferred - waited),

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from medx.data.io import _WHAT_TO_DO, BadImageError
+from medx.data.io import BadImageError, with_hint
 from medx.serve.limits import SNIFF_BYTES, Refused, sniff, unsupported_type
 
 FIELD = "file"
@@ -80,9 +80,10 @@ async def _copy(part: UploadFile, out: BinaryIO) -> None:
     await run_in_threadpool(shutil.copyfileobj, part.file, out, 1 << 20)
 
 
-def decode(upload: Upload, max_pixels: int) -> np.ndarray:
-    """HxWx3 uint8 RGB pixels; Refused 413 (too many pixels) or 422 (unreadable), naming the
-    upload. Runs in a worker thread (decoding is CPU work)."""
+def decode(upload: Upload, max_pixels: int, intensity: str = "none") -> np.ndarray:
+    """HxWx3 uint8 RGB pixels, with the model's per-image `intensity` step as medx.predict
+    applies it; Refused 413 (too many pixels) or 422 (unreadable), naming the upload. Runs in
+    a worker thread (decoding is CPU work)."""
     from medx.predict import pixel_count, read_checked
 
     pixels = pixel_count(upload.path)
@@ -94,10 +95,9 @@ def decode(upload: Upload, max_pixels: int) -> np.ndarray:
             "lower resolution, or ask the operator to raise --max-pixels.",
         )
     try:
-        return read_checked(upload.path, max_pixels)
+        return read_checked(upload.path, max_pixels, intensity)
     except BadImageError as err:
-        message = str(err).replace(str(upload.path), repr(upload.name))
-        message = message.replace(_WHAT_TO_DO, "").strip()
+        message = with_hint(err, "").replace(str(upload.path), repr(upload.name))
         raise Refused(422, f"{message} {_SEND_ANOTHER}") from err
 
 
