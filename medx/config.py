@@ -8,6 +8,10 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
+from medx.precision import register_resolver
+
+register_resolver()  # ${medx.mixed_precision:} (conf/trainer/gpu.yaml) resolves in every config
+
 
 def config_dir() -> str:
     """`medx/conf` in an installed wheel, else the checkout's top-level `conf/` (editable)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -37,6 +37,7 @@ from medx.evaluation.callback import ClinicalEvaluation
 from medx.evaluation.ensemble import Ensemble
 from medx.evaluation.quality_report import QualityReport
 from medx.evaluation.segmentation_report import SegmentationReport
+from medx.models.base import declared_inputs
 from medx.models.load import card_of, load, read_checkpoint
 from medx.train import one_device
 
@@ -148,7 +149,7 @@ def check_same_data(first: Path, cfg: DictConfig, other: Path, other_cfg: DictCo
 def _data_identity(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     found = {k: v for k, v in data.items() if k not in MAY_DIFFER}
-    found["inputs"] = getattr(get_class(cfg.model._target_), "inputs", "image")
+    found["inputs"] = declared_inputs(cfg.model._target_)
     return found
 
 
@@ -184,7 +185,7 @@ def evaluate(
             tracking.start_run(logger, cfg, output_dir, [given, *overrides])
             _tag_sources(logger, ckpts)
         datamodule = instantiate(cfg.data, _convert_="object")
-        datamodule.inputs = getattr(get_class(cfg.model._target_), "inputs", "image")
+        datamodule.inputs = declared_inputs(cfg.model._target_)
         datamodule.setup("test")
         model = load_model(members, datamodule.num_classes)
         trainer = one_device(cfg, report_callbacks(cfg), loggers)  # DDP configs: one process

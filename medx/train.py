@@ -17,6 +17,7 @@ from medx import registry, resume, schema, store, tracking
 from medx.cli import user_errors
 from medx.config import config_dir
 from medx.errors import ConfigError
+from medx.models.base import declared_inputs
 from medx.models.card import training_card
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule = instantiate(cfg.data, _convert_="object")
         # What batches carry, as the model family declares it ("image" unless it says otherwise,
         # e.g. the quality baseline's "features"): known before setup, as it shapes model_kwargs.
-        datamodule.inputs = getattr(get_class(cfg.model._target_), "inputs", "image")
+        datamodule.inputs = declared_inputs(cfg.model._target_)
         datamodule.setup("fit")
         model = instantiate(
             cfg.model,

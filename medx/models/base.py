@@ -15,15 +15,20 @@ mechanism, kept here once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from medx.errors import ConfigError
 from medx.models.schedulers import optimizer_config
 from medx.models.strategy import Strategy
 
@@ -35,6 +40,14 @@ Scheduler = Callable[[torch.optim.Optimizer], Any]
 
 CARD_KEY = "medx"  # where a checkpoint keeps the model card
 CARD_FORMAT = 1
+
+
+def declared_inputs(model_target: str) -> str:
+    """What batches must carry for the model class `model_target` (a `_target_` path): its
+    declared `inputs`, read here only, so training, evaluation and the data modules agree."""
+    from hydra.utils import get_class
+
+    return getattr(get_class(model_target), "inputs", "image")
 
 
 class MedxModule(L.LightningModule):
@@ -80,6 +93,7 @@ class TransferModule(MedxModule):
     """Base class: call `use_strategy` once the network exists; subclasses own `self.net`."""
 
     net: nn.Module
+    compiled = False  # model.compile=true applied (Lightning calls configure_model every run)
 
     def use_strategy(
         self,
@@ -113,6 +127,22 @@ class TransferModule(MedxModule):
                 module.eval()
         return self
 
+    def configure_model(self) -> None:
+        """The fast path, set when a Trainer is about to run the model. On a GPU: channels-last
+        memory layout (cuDNN's tensor-core convolutions read it without transposing; inputs
+        follow the weights' layout). Fitting with `model.compile=true` (saved in hparams): the
+        network compiled in place by `nn.Module.compile`, so checkpoints keep plain parameter
+        names; a later `medx.eval` runs eagerly rather than compiling for one pass."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if isinstance(trainer.accelerator, CUDAAccelerator):
+            self.net.to(memory_format=torch.channels_last)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if self.hparams.get("compile") and fitting and not self.compiled:
+            self.net.compile()
+            self.compiled = True
+
     def on_train_epoch_start(self) -> None:
         self.strategy.start_epoch(self.net, self.blocks, self.current_epoch)
         self.train()  # Lightning leaves module modes alone; re-assert the frozen blocks' eval
@@ -122,3 +152,29 @@ class TransferModule(MedxModule):
         for group in optimizer.param_groups:  # the strategy's lower backbone LR
             group["lr"] *= group["lr_scale"]
         return optimizer_config(optimizer, self.scheduler_factory)
+
+
+@contextmanager
+def compile_errors() -> Iterator[None]:
+    """torch.compile failing (model.compile=true: no C++ compiler, an operation it cannot
+    trace) fails at the first step, deep in Dynamo or Inductor: say which key and the way out."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_compile_error(error):
+            raise
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ConfigError(
+            f"model.compile=true: torch.compile could not compile the network "
+            f"({type(error).__name__}: {lines[-1] if lines else 'no message'}). "
+            "Set model.compile=false to train without compiling."
+        ) from error
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
+        return False
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return isinstance(error, TorchDynamoException | InductorError)

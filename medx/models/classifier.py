@@ -115,6 +115,7 @@ class ClassificationModule(ClassifierSteps, TransferModule):
         pretrained_url: str | None = None,
         class_weights: bool = False,
         class_counts: Sequence[int] | None = None,
+        compile: bool = False,  # torch.compile the network when fitting (TransferModule)
         strategy: Strategy | dict | None = None,
         optimizer: Optimizer | None = None,
         scheduler: Scheduler | None = None,

@@ -106,6 +106,7 @@ class SegmentationModule(TransferModule):
         threshold: float = 0.5,
         postprocess: str = "none",
         overlay_images: int = 8,
+        compile: bool = False,  # torch.compile the network when fitting (TransferModule)
         strategy: Strategy | dict | None = None,
         optimizer: Optimizer | None = None,
         scheduler: Scheduler | None = None,
