@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: install train test test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg clean
+.PHONY: install train test test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu clean
 
 install: $(STAMP)
 
@@ -55,6 +55,29 @@ bench-quality: install
 
 bench-lung-seg: install
 	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/lung_seg.py $(ARGS)
+
+# Kermany recipe (experiment=kermany_cpu) on $MEDX_DATA/chest_xray/train, val/test carved by patient
+bench-kermany: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/kermany.py $(ARGS)
+
+# medx.predict on 1024 px JPEG and DICOM: end-to-end vs model-only, Grad-CAM and TTA cost
+bench-predict: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/predict.py $(ARGS)
+
+bench-onnx: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/onnx_speed.py $(ARGS)
+
+bench-serve: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/serve.py $(ARGS)
+
+bench-pipeline: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/pipeline.py $(ARGS)
+
+bench-overhead: install
+	$(BIN)/python benchmarks/overhead.py $(ARGS)
+
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

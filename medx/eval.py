@@ -49,7 +49,7 @@ USAGE = (
 )
 # How a run was fed, not what it saw: ensemble members may differ here. `fold` changes val only
 # (the test split is set aside before the folds), so k-fold models can be ensembled.
-MAY_DIFFER = {"batch_size", "num_workers", "augment", "cache_dir", "fold"}
+MAY_DIFFER = {"batch_size", "num_workers", "augment", "cache", "cache_dir", "fold"}
 
 
 def checkpoint_paths(value: str) -> list[Path]:

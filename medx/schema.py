@@ -96,6 +96,7 @@ RULES: dict[str, Rule] = {
     "data.augment": one_of("none", "light", "strong"),
     "data.duplicates": one_of("warn", "error", "drop"),
     "data.intensity": one_of(*INTENSITY_METHODS),
+    "data.cache": one_of("disk", "memory", "none"),
     "optimizer.lr": positive(),
     "optimizer.weight_decay": Rule(low=0),
     "optimizer.momentum": fraction(),

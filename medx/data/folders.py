@@ -7,14 +7,18 @@ Two layouts are understood:
 
 Hidden folders and `__MACOSX/` are never classes. Every image is decoded once in `setup`
 (bad files fail or are skipped, see medx.data.io) and its pixel digest kept, so that images
-repeated across the final splits are found (medx.data.duplicates, `data.duplicates`).
+repeated across the final splits are found (medx.data.duplicates, `data.duplicates`). With
+`data.cache` that pass also fills the decoded store (medx.data.cache) that the epochs read
+instead of the files, and a later run with unchanged files decodes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,9 +26,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medx.data.cache import (
+    Column,
+    Decoded,
+    Item,
+    Store,
+    check_mode,
+    geometry,
+    image_entry,
+    open_store,
+)
 from medx.data.duplicates import check_policy, find_duplicates
 from medx.data.intensity import check_method
-from medx.data.io import check_images, is_hidden, list_images, read_image
+from medx.data.io import (
+    BadImageError,
+    CheckedImages,
+    check_images,
+    is_hidden,
+    list_images,
+    read_image,
+)
 from medx.data.loaders import PhantomRoot, SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
 from medx.data.splits import (
@@ -53,16 +74,27 @@ class Samples(Subsettable):
 
 
 class ImageDataset(Dataset):
+    """(image tensor, label); the image from the decoded store when given (`images`, one per
+    sample), else decoded from its file."""
+
     def __init__(
-        self, samples: Samples, transform: ImageTransform, intensity: str = "none"
+        self,
+        samples: Samples,
+        transform: ImageTransform,
+        intensity: str = "none",
+        images: Column | None = None,
     ) -> None:
         self.samples, self.transform, self.intensity = samples, transform, intensity
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.samples.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = read_image(self.samples.paths[i], self.intensity)
+        if self.images is not None:
+            image = self.images[i]
+        else:
+            image = read_image(self.samples.paths[i], self.intensity)
         return self.transform(image), self.samples.labels[i]
 
 
@@ -130,10 +162,15 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         fold: int = 0,
         duplicates: str = "warn",
         intensity: str = "none",
+        cache: str = "none",
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root) if root else None
         self.intensity = check_method(intensity)
+        self.cache, self.cache_dir = check_mode(cache), Path(cache_dir) if cache_dir else None
+        self.store: Store | None = None  # the decoded store (medx.data.cache), from setup
+        self.rows: dict[Path, int] = {}  # an image's entry in the store
         self.name, self.classes = name, list(classes) if classes else None
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.fractions = {"val": val_from_train, "test": test_from_train}
@@ -161,9 +198,16 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
                 "needs at least two subfolders of images, one per class (or set data.classes)."
             )
         _check_split_classes(layout)
-        splits = {s: self._scan(d) for s, d in layout.items()}
-        if "train" not in splits:
-            splits["train"] = self._scan(root)
+        listed = {s: self._list(d) for s, d in layout.items()}
+        if "train" not in listed:
+            listed["train"] = self._list(root)
+        files = [p for folders in listed.values() for _, _, paths in folders for p in paths]
+        checked = self._decode_pass(root, files)
+        self.digests.update(zip(checked.paths, checked.digests, strict=True))
+        if checked.bad:
+            self.skipped["bad_image"] += len(checked.bad)
+        good = set(checked.paths)
+        splits = {s: self._samples(folders, good) for s, folders in listed.items()}
         if self.folds > 1:
             self._cross_validation_pool(splits)
         missing = {s: f for s, f in self.fractions.items() if not splits.get(s, Samples()).paths}
@@ -223,8 +267,9 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
         splits["train"], splits["val"] = pool.subset(train), pool.subset(val)
         log.info("%s: fold %d of %d as the val split", self.name, self.fold, self.folds)
 
-    def _scan(self, split_dir: Path) -> Samples:
-        samples = Samples()
+    def _list(self, split_dir: Path) -> list[tuple[Path, int, list[Path]]]:
+        """(class folder, label, image files) of each class in one split folder."""
+        found = []
         for label, name in enumerate(self.classes):
             folder = split_dir / name
             if not folder.is_dir():
@@ -232,20 +277,56 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
                     f"Class folder {folder} is missing: data.classes={self.classes} expects one "
                     f"subfolder per class in {split_dir}."
                 )
-            checked = check_images(list_images(folder, self.skipped), self.skip_bad_images)
-            self.digests.update(zip(checked.paths, checked.digests, strict=True))
-            if checked.bad:
-                self.skipped["bad_image"] += len(checked.bad)
-            paths = checked.paths
+            paths = list_images(folder, self.skipped)
             if not paths:
-                raise DataError(
-                    f"Class folder {folder} has no images (.png/.jpg/.jpeg/...): add images or "
-                    "remove the folder."
-                )
+                _no_images(folder)
+            found.append((folder, label, paths))
+        return found
+
+    def _samples(self, folders: list[tuple[Path, int, list[Path]]], good: set[Path]) -> Samples:
+        """One split's good images, their labels and patients."""
+        samples = Samples()
+        for folder, label, listed in folders:
+            paths = [p for p in listed if p in good]
+            if not paths:
+                _no_images(folder)
             samples.paths += paths
             samples.labels += [label] * len(paths)
             samples.patients += patient_ids(paths, self.patient_pattern)
         return samples
+
+    def _decode_pass(self, root: Path, paths: list[Path]) -> CheckedImages:
+        """Every image decoded once (bad files, pixel digests); with data.cache the same pass
+        fills the decoded store, or reads what an earlier run found from it."""
+        if self.cache == "none":
+            return check_images(paths, self.skip_bad_images)
+        self.store = open_store(
+            [Item((p,)) for p in paths],
+            self._entry(),
+            mode=self.cache,
+            directory=self.cache_dir,
+            name=self.name,
+            settings=self._store_settings(root),
+        )
+        self.rows = {p: i for i, p in enumerate(paths)}
+        return self.store.checked(self.skip_bad_images)
+
+    def _entry(self) -> Callable[[Item], Decoded | BadImageError]:
+        """How the store keeps one image: resized to what training crops from."""
+        return partial(
+            image_entry,
+            intensity=self.intensity,
+            shape=geometry(self.image_size, self.augment),
+        )
+
+    def _store_settings(self, root: Path) -> dict:
+        """What the store's arrays depend on besides the files (its file is named by them)."""
+        return {
+            "kind": "images",
+            "root": str(root),
+            "intensity": self.intensity,
+            "geometry": geometry(self.image_size, self.augment),
+        }
 
     def _log_counts(self) -> None:
         for split in SPLITS:
@@ -262,7 +343,21 @@ class ImageFolderDataModule(LabelledSplits, SplitLoaders):
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         transform = ImageTransform(self.image_size, self.augment if train else "none")
-        return ImageDataset(self.splits[split], transform, self.intensity)
+        samples = self.splits[split]
+        return ImageDataset(samples, transform, self.intensity, self._images(samples))
+
+    def _images(self, samples: Samples) -> Column | None:
+        """The samples' images in the decoded store; None without one (decoded per epoch)."""
+        if self.store is None or not self.store.has_arrays:
+            return None
+        return self.store.column([self.rows[p] for p in samples.paths], rgb=True)
+
+
+def _no_images(folder: Path) -> None:
+    raise DataError(
+        f"Class folder {folder} has no images (.png/.jpg/.jpeg/...): add images or remove the "
+        "folder."
+    )
 
 
 def class_folders(folder: Path) -> list[str]:

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from medx.data.phantom import PhantomSource
 from medx.errors import ConfigError, DataError
 
+EVAL_BATCH_SCALE = 2  # val/test/predict batches are this many times data.batch_size
+
 
 class SplitLoaders(L.LightningDataModule):
     """train/val/test/predict loaders from one `_dataset(split, train)` per data family."""
@@ -45,12 +47,14 @@ class SplitLoaders(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            # no gradients or kept activations when evaluating (inference mode): twice the batch
+            # fits in less memory than a training batch, and runs fewer, fuller GPU steps
+            batch_size=self.batch_size if train else EVAL_BATCH_SCALE * self.batch_size,
             shuffle=train,
             drop_last=train and len(dataset) // world > self.batch_size,  # batch of 1 breaks BN
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(),  # Lightning then copies non-blocking
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -86,7 +90,8 @@ class PhantomRoot(PhantomSource):
         generator_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(root=None, **{**self.phantom_defaults, **kwargs})
+        # cache_dir also holds the decoded store (data.cache, medx.data.cache)
+        super().__init__(root=None, cache_dir=cache_dir, **{**self.phantom_defaults, **kwargs})
         self.use_phantom(
             cache_dir,
             n_patients=n_patients,

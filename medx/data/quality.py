@@ -9,6 +9,8 @@ a seed derived from `seed` and the file name: the data set is the same on every 
 Batches carry what the model family asks for (`inputs`, set by medx.train from the model
 class): "image" → (image tensor in [0, 1], label) for CNNs; "features" → (handcrafted
 feature vector, label) for the feature baseline, computed once per split and cached on disk.
+With `data.cache` (medx.data.cache) each sample is degraded at the source's full size and
+resized once, into the decoded store the epochs read: the same pixels, decoded once.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,8 +34,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from medx.data.cache import (
+    Column,
+    Decoded,
+    Geometry,
+    Item,
+    Store,
+    fit,
+    geometry,
+    open_store,
+    verify_entry,
+)
 from medx.data.folders import PhantomDataModule, Samples
-from medx.data.io import read_gray
+from medx.data.io import BadImageError, read_gray
 from medx.data.splits import SPLITS
 from medx.data.transforms import ImageTransform
 from medx.errors import ConfigError, DataError
@@ -84,8 +98,10 @@ class QualityImageDataset(Dataset):
         transform: ImageTransform,
         crop: int | None = None,
         repeats: int = 1,
+        images: Column | None = None,
     ) -> None:
         self.samples, self.transform, self.crop, self.repeats = samples, transform, crop, repeats
+        self.images = images  # the degraded samples in the decoded store, or None
 
     def __len__(self) -> int:
         return len(self.samples.paths) * self.repeats
@@ -93,7 +109,10 @@ class QualityImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples
         i %= len(s.paths)
-        gray = load_sample(s.paths[i], s.degradations[i], s.severities[i], s.seeds[i])
+        if self.images is not None:
+            gray = self.images[i]
+        else:
+            gray = load_sample(s.paths[i], s.degradations[i], s.severities[i], s.seeds[i])
         image = self.transform(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
         if self.crop:
             top, left = (int(torch.randint(n - self.crop + 1, ())) for n in image.shape[1:])
@@ -152,6 +171,7 @@ class QualityDataModule(PhantomDataModule):
         self.inputs = "image"  # medx.train sets the model family's choice before setup
         self.source_classes: list[str] = []
         self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._sample_store: tuple[Store, dict[tuple, int]] | None = None
 
     def prepare_data(self) -> None:
         if self.source_root is None:
@@ -270,17 +290,61 @@ class QualityDataModule(PhantomDataModule):
         dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train)
 
+    def _entry(self) -> Callable[[Item], Decoded | BadImageError]:
+        return verify_entry  # sources are checked, never fed: the store keeps their samples
+
+    def _store_settings(self, root: Path) -> dict:
+        return {"kind": "quality sources", "root": str(root)}
+
+    def _sample_images(self, samples: QualitySamples) -> Column | None:
+        """The samples of one split in the decoded store (all splits' built at the first call:
+        each degraded at the source's size, then resized as the training transform needs)."""
+        if self.cache == "none":
+            return None
+        if self._sample_store is None:
+            made = list(dict.fromkeys(m for s in SPLITS for m in _made(self.splits[s])))
+            shape = geometry(self.image_size, self.augment)
+            store = open_store(
+                [Item((m[0],), m[1:]) for m in made],
+                partial(_sample_entry, shape=shape),
+                mode=self.cache,
+                directory=self.cache_dir,
+                name=self.name,
+                settings={"kind": "quality samples", "root": str(self.root), "geometry": shape},
+                what="quality samples",
+            )
+            self._sample_store = (store, {m: i for i, m in enumerate(made)})
+        store, rows = self._sample_store
+        if not store.has_arrays:
+            return None
+        return store.column([rows[m] for m in _made(samples)])
+
     def eval_transform(self) -> ImageTransform:
         """Gray-as-RGB uint8 image → the CNN's input tensor, as for val/test (and scoring)."""
         return ImageTransform(self.image_size, "none")
 
     def _dataset(self, split: str, train: bool) -> Dataset:
+        samples = self.splits[split]
+        images = self._sample_images(samples)
         if not train:
-            return QualityImageDataset(self.splits[split], self.eval_transform())
+            return QualityImageDataset(samples, self.eval_transform(), images=images)
         transform = ImageTransform(self.image_size, self.augment)
-        return QualityImageDataset(
-            self.splits[split], transform, self.train_crop, self.train_repeats
-        )
+        return QualityImageDataset(samples, transform, self.train_crop, self.train_repeats, images)
+
+
+def _made(samples: QualitySamples) -> list[tuple[Path, str, float, int]]:
+    """What makes each sample's pixels: its source, degradation, severity and seed."""
+    s = samples
+    return list(zip(s.paths, s.degradations, s.severities, s.seeds, strict=True))
+
+
+def _sample_entry(item: Item, shape: Geometry) -> Decoded | BadImageError:
+    """One quality sample for the store: degraded at the source's size, then resized."""
+    degradation, severity, seed = item.params
+    try:
+        return Decoded((fit(load_sample(item.files[0], degradation, severity, seed), shape),))
+    except BadImageError as err:
+        return err
 
 
 def compute_features(samples: QualitySamples) -> np.ndarray:

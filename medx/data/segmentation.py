@@ -8,17 +8,20 @@ Two layouts are understood:
 Patients come from `root/metadata.csv` (columns `image`, `patient_id`) when it exists, else
 from `patient_pattern` on file names, else each image is its own patient. Every pair is
 decoded and checked once in `setup` (mask present, one channel, binary, same size as its
-image) and kept in memory at `image_size`: chest X-rays of 3,000+ px would otherwise be
-decoded again every epoch.
+image) and kept at `image_size` in the decoded store (medx.data.cache): chest X-rays of
+3,000+ px would otherwise be decoded again every epoch. `data.cache=disk` keeps the store in a
+memory-mapped file that the next run reads instead of decoding; `memory` and `none` keep it in
+RAM for this run only.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,17 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medx.data.decoder_warnings import map_watching_decoders
+from medx.data.cache import Column, Decoded, Item, check_mode, one_channel, open_store
 from medx.data.duplicates import check_policy, find_duplicates
 from medx.data.intensity import check_method
-from medx.data.io import (
-    BadImageError,
-    corrupt_image_error,
-    list_images,
-    pixel_digest,
-    read_image,
-    read_mask,
-)
+from medx.data.io import BadImageError, list_images, pixel_digest, read_image, read_mask
 from medx.data.loaders import PhantomRoot, SplitLoaders
 from medx.data.phantom import CLASSES as PHANTOM_CLASSES
 from medx.data.splits import SPLITS, Subsettable, patient_ids, split_by_patient
@@ -115,10 +111,13 @@ def load_pair(
 
 
 class SegmentationDataset(Dataset):
-    """Pre-resized arrays in memory; items are (image, mask, index into the split)."""
+    """Pre-resized arrays (the decoded store's); items are (image, mask, index into the split)."""
 
     def __init__(
-        self, images: list[np.ndarray], masks: list[np.ndarray], transform: SegmentationTransform
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        transform: SegmentationTransform,
     ) -> None:
         self.images, self.masks, self.transform = images, masks, transform
 
@@ -153,6 +152,8 @@ class SegmentationDataModule(SplitLoaders):
         download_hint: str = "",
         duplicates: str = "warn",
         intensity: str = "none",
+        cache: str = "none",
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if image_size % STRIDE:
@@ -170,8 +171,9 @@ class SegmentationDataModule(SplitLoaders):
         self.download_hint = download_hint
         self.duplicates = check_policy(duplicates)
         self.intensity = check_method(intensity)
+        self.cache, self.cache_dir = check_mode(cache), Path(cache_dir) if cache_dir else None
         self.splits: dict[str, Pairs] = {}
-        self.arrays: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.arrays: dict[str, tuple[Column, Column]] = {}  # (images, masks) of each split
         self.digests: dict[Path, bytes] = {}  # pixel digest of every image that loaded
         self.skipped: Counter[str] = Counter()  # files passed over, by reason
         self.findings: dict[str, dict] = {}
@@ -214,7 +216,7 @@ class SegmentationDataModule(SplitLoaders):
             labels = [0] * len(pool.images)  # nothing to stratify: one class of image
             parts = split_by_patient(labels, pool.patients, missing, self.seed)
             splits.update({s: pool.subset(idx) for s, idx in parts.items()})
-        self.arrays = {s: self._load(splits[s]) for s in SPLITS}
+        self._load(splits, root)
         self.splits = splits
         self._drop_duplicates(root)
         if self.skipped:
@@ -263,33 +265,46 @@ class SegmentationDataModule(SplitLoaders):
             )
         return [table.get(p.name, f"file:{p.stem}") for p in images]
 
-    def _load(self, pairs: Pairs) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Decode and check every pair (threads: cv2 releases the GIL), decoder warnings
-        watched as in medx.data.io.check_images; drop bad pairs if asked."""
-        workers = min(8, (os.cpu_count() or 1) + 2)
-        items = list(zip(pairs.images, pairs.masks, strict=True))
-        results, warned = map_watching_decoders(self._try_load, items, _pair, workers, "medx-seg")
-        for i, (path, warning) in warned.items():
-            results[i] = corrupt_image_error(path, warning)
-        keep = [i for i, r in enumerate(results) if not isinstance(r, BadImageError)]
-        for result in results:
-            if isinstance(result, BadImageError):
-                if not self.skip_bad_images:
-                    raise result
-                log.warning("Skipping bad pair: %s", result)
-                self.skipped["bad_image"] += 1
-        kept = pairs.subset(np.asarray(keep, dtype=int))
-        pairs.images, pairs.masks, pairs.patients = kept.images, kept.masks, kept.patients
-        self.digests.update((pairs.images[k], results[i][2]) for k, i in enumerate(keep))
-        return [results[i][0] for i in keep], [results[i][1] for i in keep]
-
-    def _try_load(
-        self, pair: tuple[Path, Path]
-    ) -> tuple[np.ndarray, np.ndarray, bytes] | BadImageError:
-        try:
-            return load_pair(*pair, self.image_size, self.intensity)
-        except BadImageError as err:
-            return err
+    def _load(self, splits: dict[str, Pairs], root: Path) -> None:
+        """Decode and check every pair once into the decoded store (threads, decoder warnings
+        watched as in medx.data.io.check_images), or read it from the store an earlier run
+        left; drop bad pairs if asked."""
+        items = [Item(pair) for s in SPLITS for pair in zip(*_files(splits[s]), strict=True)]
+        store = open_store(
+            items,
+            partial(_pair_entry, size=self.image_size, intensity=self.intensity),
+            mode="memory" if self.cache == "none" else self.cache,  # always kept in memory
+            directory=self.cache_dir,
+            name=self.name,
+            settings={
+                "kind": "pairs",
+                "root": str(root),
+                "size": self.image_size,
+                "intensity": self.intensity,
+            },
+            fallback="memory",
+            what="image/mask pairs",
+        )
+        start = 0
+        for s in SPLITS:
+            pairs = splits[s]
+            rows = range(start, start + len(pairs.images))
+            start = rows.stop
+            keep = []
+            for k, row in enumerate(rows):
+                error = store.error(row)
+                if error is None:
+                    keep.append(k)
+                    self.digests[pairs.images[k]] = store.digest(row)
+                elif not self.skip_bad_images:
+                    raise error
+                else:
+                    log.warning("Skipping bad pair: %s", error)
+                    self.skipped["bad_image"] += 1
+            kept = pairs.subset(np.asarray(keep, dtype=int))
+            pairs.images, pairs.masks, pairs.patients = kept.images, kept.masks, kept.patients
+            good = [rows[k] for k in keep]
+            self.arrays[s] = (store.column(good, 0, rgb=True), store.column(good, 1))
 
     def _drop_duplicates(self, root: Path) -> None:
         """Find images repeated across the splits; drop later copies if asked."""
@@ -308,7 +323,7 @@ class SegmentationDataModule(SplitLoaders):
         for s in SPLITS if found.dropped else ():
             keep = found.keep(s, len(images[s]))
             self.splits[s] = self.splits[s].subset(keep)
-            self.arrays[s] = tuple([part[i] for i in keep] for part in self.arrays[s])
+            self.arrays[s] = tuple(part.subset(keep) for part in self.arrays[s])
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         self.setup()
@@ -329,8 +344,17 @@ class PhantomSegDataModule(PhantomRoot, SegmentationDataModule):
         return [root / c for c in PHANTOM_CLASSES], root / "masks"
 
 
-def _pair(pair: tuple[Path, Path]) -> tuple[Path, Path]:
-    return pair
+def _files(pairs: Pairs) -> tuple[list[Path], list[Path]]:
+    return pairs.images, pairs.masks
+
+
+def _pair_entry(item: Item, size: int, intensity: str) -> Decoded | BadImageError:
+    """One pair for the store: the image (gray as one channel) and its mask, at `size`."""
+    try:
+        image, mask, digest = load_pair(*item.files, size, intensity)
+    except BadImageError as err:
+        return err
+    return Decoded((one_channel(image), mask), digest)
 
 
 def _read_metadata(root: Path, name: str | None) -> dict[str, str] | None:
@@ -348,5 +372,5 @@ def _read_metadata(root: Path, name: str | None) -> dict[str, str] | None:
     return {r["image"]: f"patient:{r['patient_id']}" for r in rows if r["patient_id"]}
 
 
-def _mask_fraction(masks: list[np.ndarray]) -> float:
+def _mask_fraction(masks: Sequence[np.ndarray]) -> float:
     return float(np.mean([m.mean() for m in masks])) if masks else 0.0

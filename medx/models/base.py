@@ -163,10 +163,9 @@ def compile_errors() -> Iterator[None]:
     except Exception as error:
         if not _is_compile_error(error):
             raise
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise ConfigError(
             f"model.compile=true: torch.compile could not compile the network "
-            f"({type(error).__name__}: {lines[-1] if lines else 'no message'}). "
+            f"({type(error).__name__}: {_first_line(error)}). "
             "Set model.compile=false to train without compiling."
         ) from error
 
@@ -178,3 +177,13 @@ def _is_compile_error(error: BaseException) -> bool:
     from torch._inductor.exc import InductorError
 
     return isinstance(error, TorchDynamoException | InductorError)
+
+
+def _first_line(error: BaseException) -> str:
+    """The line that says what went wrong: not a 'backend=... raised:' header, not Dynamo's
+    advice on verbose logging."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line and not line.endswith(":") and not line.startswith("Set TORCHDYNAMO"):
+            return line
+    return "no message"
