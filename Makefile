@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: install train test test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu clean
+.PHONY: install train test test-slow test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu clean
 
 install: $(STAMP)
 
@@ -21,7 +21,11 @@ train: install
 	$(BIN)/python -m medx.train $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -x -q $(ARGS)
+	$(BIN)/python -m pytest -x -q -m "not slow" $(ARGS)
+
+# the heavier tests (subprocess sweeps, signals, PostgreSQL, serving): CI runs them after make test
+test-slow: install
+	$(BIN)/python -m pytest -x -q -m slow $(ARGS)
 
 lint: install
 	$(BIN)/ruff check medx tests benchmarks

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -154,14 +155,41 @@ class ResumableCheckpoint(ModelCheckpoint):
             self.write_last(trainer)
 
     def write_last(self, trainer: L.Trainer) -> None:
-        """`<dirpath>/last.ckpt` of the trainer's state now (written atomically by Lightning)."""
+        """`<dirpath>/last.ckpt` of the trainer's state now (written atomically), or a hard link
+        to the top-k file written at this step."""
         fitting = trainer.state.fn == TrainerFn.FITTING
         if not self.keep_last or not fitting or trainer.sanity_checking or trainer.fast_dev_run:
             return
         self.last_model_path = os.path.join(
             self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         )
-        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+        if self._saved_top_k_now(trainer):
+            self._hard_link(trainer, self._last_checkpoint_saved, self.last_model_path)
+        else:
+            trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
         if trainer.is_global_zero:  # MLFlowLogger(log_model="all") uploads what it is told of
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+    def _saved_top_k_now(self, trainer: L.Trainer) -> bool:
+        """The top-k file written at this very step holds the state last.ckpt would: it is
+        written after validation, early stopping and the random state, like last.ckpt."""
+        saved = self._last_checkpoint_saved
+        local = "://" not in saved and "://" not in self.last_model_path
+        return bool(saved) and local and self._last_global_step_saved == trainer.global_step
+
+    @staticmethod
+    def _hard_link(trainer: L.Trainer, target: str, link: str) -> None:
+        """last.ckpt as a second name for the top-k file, not a second 134 MB write (resnet18 +
+        AdamW: a tenth of a second an epoch). A hard link, made under a temporary name and
+        renamed over: removing the top-k file later, or rewriting either name (written to a
+        new file and renamed, medx.checkpoint_io), never touches the other."""
+        if trainer.is_global_zero:
+            partial = f"{link}.{os.getpid()}.partial"
+            try:
+                os.link(target, partial)
+                os.replace(partial, link)
+            except OSError:  # a file system without hard links
+                Path(partial).unlink(missing_ok=True)
+                shutil.copyfile(target, link)
+        trainer.strategy.barrier()

@@ -38,8 +38,9 @@ def test_the_recipes_say_what_they_choose():
     [
         ("kermany_cpu", []),
         # the GPU recipe on this CPU: same model, data and loss; one small batch in fp32
-        ("kermany_gpu", ["trainer.accelerator=cpu", "trainer.precision=32-true", "scheduler.warmup_epochs=1",
-                         "data.image_size=64", "data.num_workers=0"]),
+        ("kermany_gpu", ["trainer.accelerator=cpu", "trainer.precision=32-true",
+                         "scheduler.warmup_epochs=1", "data.image_size=64",
+                         "data.num_workers=0"]),
     ],
 )  # fmt: skip
 def test_a_short_real_run(make_cfg, small_kermany: Path, experiment: str, device: list[str]):
