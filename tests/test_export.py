@@ -122,6 +122,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_unet_export_agrees_at_other_sizes_and_pads_like_its_contract(
     make_cfg, tracked_runs, mlflow_client: MlflowClient, tmp_path: Path, caplog
 ):

@@ -123,6 +123,7 @@ def test_bad_arguments_get_one_line(make_cfg, tmp_path: Path):
         assert "\n" not in str(stop.value.code)
 
 
+@pytest.mark.slow
 def test_quality_gate_flags_degraded_copies_and_tta_uses_its_own_threshold(
     make_cfg, medx_data: Path, tmp_path: Path, caplog
 ):
@@ -173,6 +174,7 @@ def test_quality_gate_flags_degraded_copies_and_tta_uses_its_own_threshold(
     assert torch.allclose(averaged.sum(1), torch.ones(len(x)))  # a mean of probabilities
 
 
+@pytest.mark.slow
 def test_eval_tta_chooses_the_operating_point_that_predict_tta_uses(
     make_cfg, tracked_runs, phantom_cache: Path, tmp_path: Path, caplog
 ):

@@ -42,6 +42,8 @@ from medx.serve.app import create_app
 from medx.serve.settings import Settings, from_args
 from medx.train import train
 
+pytestmark = pytest.mark.slow  # a real uvicorn server per module: heavy for make test
+
 TOKEN = "test-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_BYTES = 2_000_000

@@ -23,6 +23,7 @@ def test_fast_dev_run_on_phantom(make_cfg, tracked_runs):
     assert run.info.run_name == "test_resnet-phantom-full"
 
 
+@pytest.mark.slow
 def test_debug_overfit_drives_the_training_loss_down(make_cfg):
     """`debug=overfit` is the sanity check for a new model or data set: it must memorise."""
     metrics = train(
