@@ -67,9 +67,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.trainer, callbacks=callbacks, logger=loggers or False, **io
         )
         _check_sync_batchnorm(cfg, trainer)
-        trainer.fit(
-            model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
-        )
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test", True):
             best = (

@@ -1,6 +1,6 @@
 """What keeps medx.train's own cost small (benchmarks/overhead.py measures it): one checkpoint
-write an epoch, without torch's CRC-32, every file still loading; a progress bar that does not
-redraw 100 times a second; evaluation batches twice the training batch."""
+write an epoch, without torch's CRC-32, every file still loading; a progress bar that redraws
+twice a second, not 100 times; evaluation batches twice the training batch."""
 
 from __future__ import annotations
 
@@ -36,12 +36,14 @@ def test_one_write_an_epoch_without_checksum_and_every_file_loads(make_cfg, tmp_
     assert torch.serialization.get_crc32_options()  # left on for every other torch.save
 
 
-def test_progress_bar_redraws_at_most_ten_times_a_second():
+def test_progress_bar_redraws_at_most_twice_a_second():
     cfg = compose([])
 
     bar = instantiate(cfg.callbacks.rich_progress_bar)
 
-    assert 0 < bar.refresh_rate <= 10
+    # each redraw renders the bar and the metrics in a thread (~3 ms of CPU); at Lightning's
+    # default 100 a second, or even 10, that thread took 3% of a CPU training epoch
+    assert 0 < bar.refresh_rate <= 2
 
 
 def test_evaluation_batches_are_twice_the_training_batch(phantom_cache: Path):

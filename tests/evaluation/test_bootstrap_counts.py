@@ -92,8 +92,9 @@ def test_each_resample_scores_as_before(n: int, classes: int, decimals: int | No
     np.testing.assert_array_equal(
         auroc(labels, probs, counts), reference_auroc(labels[index], probs[index])
     )
-    new, old = rates(labels, preds, classes, counts), reference_rates(
-        labels[index], preds[index], classes
+    new, old = (
+        rates(labels, preds, classes, counts),
+        reference_rates(labels[index], preds[index], classes),
     )
     for name in old:
         np.testing.assert_array_equal(new[name], old[name], err_msg=name)
