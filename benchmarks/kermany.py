@@ -69,7 +69,9 @@ def run(
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     (found,) = client.search_runs([experiment], filter_string=f"tags.mlflow.runName = '{name}'")
-    return {**found.data.metrics, "minutes": minutes}
+    history = client.get_metric_history(found.info.run_id, "val/auroc")  # the selection metric
+    best = {"val/auroc_best": max(m.value for m in history)} if history else {}
+    return {**found.data.metrics, **best, "minutes": minutes}
 
 
 def show(m: dict, label: str) -> None:

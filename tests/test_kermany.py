@@ -26,7 +26,7 @@ def small_kermany(medx_data: Path, tmp_path: Path) -> Path:
 def test_the_recipes_say_what_they_choose():
     cpu, gpu = compose(["experiment=kermany_cpu"]), compose(["experiment=kermany_gpu"])
     assert cpu.data.name == gpu.data.name == "pneumonia"
-    assert cpu.data.intensity == gpu.data.intensity == "clahe"
+    assert cpu.data.intensity == gpu.data.intensity == "zscore"
     assert not cpu.model.pretrained and not gpu.model.pretrained  # from scratch: no download
     assert cpu.trainer.accelerator != "gpu" and gpu.trainer.accelerator == "gpu"
     assert "bf16" in str(gpu.trainer.precision) or "16" in str(gpu.trainer.precision)
@@ -59,6 +59,6 @@ def test_a_short_real_run(make_cfg, small_kermany: Path, experiment: str, device
     (best,) = (Path(cfg.paths.output_dir) / "checkpoints").glob("epoch*.ckpt")
     card = load(best).card
     assert card["class_names"] == ["NORMAL", "PNEUMONIA"]
-    assert card["input"]["intensity"] == "clahe"
+    assert card["input"]["intensity"] == "zscore"
     assert card["data"]["patient_pattern"] == cfg.data.patient_pattern
     assert card["operating_point"]["threshold"] == pytest.approx(metrics["test/threshold_at_op"])

@@ -41,8 +41,8 @@ def test_progress_bar_redraws_at_most_twice_a_second():
 
     bar = instantiate(cfg.callbacks.rich_progress_bar)
 
-    # each redraw renders the bar and the metrics in a thread (~3 ms of CPU); at Lightning's
-    # default 100 a second, or even 10, that thread took 3% of a CPU training epoch
+    # a thread redraws the bar and competes with the training loop for the GIL: at
+    # Lightning's default 100 a second, or even 10, it was busy in 2-3% of a CPU epoch
     assert 0 < bar.refresh_rate <= 2
 
 

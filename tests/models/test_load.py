@@ -130,9 +130,7 @@ def _write_ckpt(path: Path, payload: object) -> Path:
     return path
 
 
-def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(
-    tmp_path: Path, capsys
-):
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(tmp_path: Path, capsys):
     target = tmp_path / "pwned"
     ckpt = _write_ckpt(
         tmp_path / "evil.ckpt",
