@@ -25,6 +25,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timing import best_of  # benchmarks/timing.py
 
 from medx.evaluation import calibration, metrics
 from medx.evaluation.callback import Predictions, clinical_report
@@ -39,16 +40,6 @@ def synthetic(n: int, seed: int) -> Predictions:
     margin = rng.normal(2.5 * (2 * labels - 1), 2.0)
     logits = np.stack([-margin / 2, margin / 2], axis=1)
     return Predictions(logits, labels)
-
-
-def best_of(function: Callable[[], object], repeats: int = 3) -> float:
-    """Best wall time of `repeats` calls (shared machine: the best is the least disturbed)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def peak_mb(function: Callable[[], object]) -> float:

@@ -108,13 +108,13 @@ def folds(
     time (one torch thread each: two 1-thread runs use 2 CPUs better than one 2-thread run)."""
 
     def one(fold: int) -> dict:
-        threads = [] if jobs == 1 else ["data.num_workers=0"]
+        in_process = [] if jobs == 1 else ["data.num_workers=0"]  # no loader workers
         return run(
             recipe,
             root,
             home,
             f"{name}-fold{fold}",
-            [f"data.folds={k}", f"data.fold={fold}", *threads, *extra],
+            [f"data.folds={k}", f"data.fold={fold}", *in_process, *extra],
             {"OMP_NUM_THREADS": "1"} if jobs > 1 else {},
         )
 
@@ -123,7 +123,7 @@ def folds(
 
 
 def spread(found: list[dict], key: str) -> str:
-    values = np.array([f.get(key, f.get(key.replace("_best", ""), np.nan)) for f in found])
+    values = np.array([f.get(key, np.nan) for f in found])
     return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
 
 

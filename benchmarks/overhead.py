@@ -23,7 +23,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +34,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, open_dict
+from timing import best_of  # benchmarks/timing.py
 
 from medx.config import compose
 from medx.train import train
@@ -140,14 +140,7 @@ def hand_side(cfg: DictConfig) -> list[float]:
     return epochs.speeds
 
 
-def best_of(function: Callable[[], object], repeats: int = 5) -> float:
-    """Fewest seconds of `repeats` calls: others' load only ever adds time."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
+PROBES = 5  # calls timed per item of the per-epoch accounting
 
 
 class EpochExtras(L.Callback):
@@ -160,17 +153,19 @@ class EpochExtras(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(trainer.default_root_dir) / "probe.ckpt"
         found = EpochExtras.found
-        found["checkpoint write (medx)"] = best_of(lambda: trainer.save_checkpoint(path))
+        found["checkpoint write (medx)"] = best_of(lambda: trainer.save_checkpoint(path), PROBES)
         medx_writer = trainer.strategy.checkpoint_io
         trainer.strategy.checkpoint_io = TorchCheckpointIO()
-        found["checkpoint write (Lightning)"] = best_of(lambda: trainer.save_checkpoint(path))
+        found["checkpoint write (Lightning)"] = best_of(
+            lambda: trainer.save_checkpoint(path), PROBES
+        )
         trainer.strategy.checkpoint_io = medx_writer
         logger = trainer.loggers[0]
-        found["MLflow write"] = best_of(lambda: logger.log_metrics({"probe": 1.0}, step=0))
+        found["MLflow write"] = best_of(lambda: logger.log_metrics({"probe": 1.0}, step=0), PROBES)
         for callback in trainer.callbacks:
             if isinstance(callback, LearningRateMonitor):
                 found["LR monitor"] = best_of(
-                    lambda c=callback: c.on_train_epoch_start(trainer, pl_module)
+                    lambda c=callback: c.on_train_epoch_start(trainer, pl_module), PROBES
                 )
             if isinstance(callback, RichProgressBar):
                 found["progress bar, a batch"] = best_of(
