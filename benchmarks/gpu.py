@@ -32,8 +32,8 @@ from omegaconf import open_dict
 from medx.config import compose
 from medx.models.classifier import ClassificationModule
 from medx.models.segmentation import SegmentationModule
-from medx.precision import mixed_precision
 from medx.train import train
+from medx.training.precision import mixed_precision
 
 
 @dataclass(frozen=True)

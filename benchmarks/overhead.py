@@ -185,8 +185,9 @@ def epoch_extras(home: Path, overrides: list[str]) -> dict[str, float]:
 
 
 def report_extras(found: dict[str, float], epoch: float, batches: int, norm: float) -> None:
-    """Per-epoch extras now and before medx.checkpoint_io (two Lightning writes an epoch: the
-    top-k file and last.ckpt), and the ratio they leave of an `epoch` of training steps."""
+    """Per-epoch extras now and before medx.training.checkpoint_io (two Lightning writes an
+    epoch: the top-k file and last.ckpt), and the ratio they leave of an
+    `epoch` of training steps."""
     common = found["MLflow write"] + found.get("LR monitor", 0.0)
     common += batches * found.get("progress bar, a batch", 0.0)
     common += epoch * EpochExtras.redraws * found.get("progress bar, a redraw", 0.0)

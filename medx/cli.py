@@ -34,7 +34,7 @@ def user_errors(prog: str = "medx") -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, SystemExit) as err:
-        from medx.tracking import stopped_by  # a signal: the shell's 128 + its number
+        from medx.tracking.runs import stopped_by  # a signal: the shell's 128 + its number
 
         if (signum := stopped_by(err)) is None:
             raise

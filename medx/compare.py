@@ -21,9 +21,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from medx import store
 from medx.errors import MedxError
-from medx.sweep import PARENT_TAG, SWEEP_TAG
+from medx.tracking import store
+from medx.tracking.sweep import PARENT_TAG, SWEEP_TAG
 
 log = logging.getLogger(__name__)
 

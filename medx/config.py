@@ -8,7 +8,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from medx.precision import register_resolver
+from medx.training.precision import register_resolver
 
 register_resolver()  # ${medx.mixed_precision:} (conf/trainer/gpu.yaml) resolves in every config
 

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import registry, schema, store, tracking
+from medx import schema
 from medx.cli import user_errors
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
@@ -39,6 +39,7 @@ from medx.evaluation.quality_report import QualityReport
 from medx.evaluation.segmentation_report import SegmentationReport
 from medx.models.base import declared_inputs
 from medx.models.load import card_of, load, read_checkpoint
+from medx.tracking import registry, runs, store
 from medx.train import one_device
 
 log = logging.getLogger(__name__)
@@ -179,10 +180,10 @@ def evaluate(
             store.check(str(cfg.logger.tracking_uri))  # in seconds, not after MLflow's retries
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     listed = ",".join(map(str, ckpts))
-    with tracking.run_status(loggers):
-        for logger in tracking.mlflow_loggers(loggers):
+    with runs.run_status(loggers):
+        for logger in runs.mlflow_loggers(loggers):
             given = f"ckpt_path=[{listed}]" if len(ckpts) > 1 else f"ckpt_path={listed}"
-            tracking.start_run(logger, cfg, output_dir, [given, *overrides])
+            runs.start_run(logger, cfg, output_dir, [given, *overrides])
             _tag_sources(logger, ckpts)
         datamodule = instantiate(cfg.data, _convert_="object")
         datamodule.inputs = declared_inputs(cfg.model._target_)

@@ -378,7 +378,7 @@ def log_to_run(card: dict[str, Any], path: Path, check: Check, tracking_uri: str
 def _unreachable(uri: str) -> str | None:
     """Why the tracking store at `uri` cannot be used (None: it can), in seconds (no MLflow
     retries); a missing sqlite file is not created."""
-    from medx import store
+    from medx.tracking import store
 
     try:
         store.check(uri, write=False)  # exists, is a store; a server answers

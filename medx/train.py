@@ -13,13 +13,15 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import registry, resume, schema, store, tracking
-from medx.checkpoint_io import CheckpointWriter
+from medx import schema
 from medx.cli import user_errors
 from medx.config import config_dir
 from medx.errors import ConfigError
 from medx.models.base import compile_errors, declared_inputs
 from medx.models.card import training_card
+from medx.tracking import registry, runs, store
+from medx.training import resume
+from medx.training.checkpoint_io import CheckpointWriter
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     loggers = _loggers(cfg)
-    with tracking.run_status(loggers), compile_errors():
+    with runs.run_status(loggers), compile_errors():
         _check_task(cfg)
         _default_monitor(cfg)
-        for logger in tracking.mlflow_loggers(loggers):
-            tracking.start_run(logger, cfg, output_dir, _overrides())
+        for logger in runs.mlflow_loggers(loggers):
+            runs.start_run(logger, cfg, output_dir, _overrides())
         datamodule = instantiate(cfg.data, _convert_="object")
         # What batches carry, as the model family declares it ("image" unless it says otherwise,
         # e.g. the quality baseline's "features"): known before setup, as it shapes model_kwargs.
@@ -55,10 +57,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 datamodule,
                 OmegaConf.to_container(cfg.data, resolve=True),
                 OmegaConf.to_yaml(job, resolve=True),
-                tracking.run_info(loggers),
+                runs.run_info(loggers),
             )
         )
-        tracking.log_params(loggers, datamodule.summary())
+        runs.log_params(loggers, datamodule.summary())
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         callbacks.append(resume.RandomState())  # so that ckpt_path resumes exactly
         # medx's checkpoint writer, unless the config brings its own plugins
@@ -122,7 +124,7 @@ def _report(
     best = metrics.get(f"{cfg.monitor}_best")
     lines = [f"{cfg.monitor} best {best:.4f}" if best is not None else ""]
     lines += [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
-    for logger in tracking.mlflow_loggers(loggers):
+    for logger in runs.mlflow_loggers(loggers):
         lines.append(f"MLflow run {logger.run_id} ({logger._tracking_uri})")
     log.info("Done in %s\n  %s", cfg.paths.output_dir, "\n  ".join(x for x in lines if x))
 

@@ -15,8 +15,8 @@ import socket
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from medx import store, tracking
 from medx.cli import user_errors
+from medx.tracking import runs, store
 
 
 def base_url(host: str, port: int) -> str:
@@ -41,7 +41,7 @@ def link(uri: str, experiment: str, base: str) -> str:
     if found is None:
         return f"MLflow UI: {base}  (no experiment {experiment!r} in {uri} yet)"
     with contextlib.suppress(MlflowException):  # a read-only store: the link still works
-        tracking.tag_training_experiment(client, found.experiment_id)
+        runs.tag_training_experiment(client, found.experiment_id)
     return f"MLflow UI, experiment {experiment!r}: {runs_url(base, found.experiment_id)}"
 
 

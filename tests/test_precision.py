@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from medx.config import compose
-from medx.precision import mixed_precision
+from medx.training.precision import mixed_precision
 
 
 def test_bf16_where_supported_else_fp16():

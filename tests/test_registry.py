@@ -34,11 +34,12 @@ from omegaconf import open_dict
 
 import medx
 from medx import eval as medx_eval
-from medx import predict, registry, tracking, ui
+from medx import predict, ui
 from medx.cli import user_error
 from medx.config import compose
 from medx.errors import CheckpointError, ConfigError, MedxError
 from medx.models.load import load, model_card, read_checkpoint
+from medx.tracking import registry, runs
 from medx.train import train
 
 NAME = "pneumonia"
@@ -141,7 +142,7 @@ def test_training_registers_the_tested_model_with_its_card_and_signature(
     assert run.info.status == "FINISHED"
     assert run.data.tags["medx.registered_model"] == f"{NAME}/1"
     experiment = client.get_experiment(run.info.experiment_id)
-    assert experiment.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    assert experiment.tags[runs.EXPERIMENT_KIND] == "custom_model_development"
 
     # the model is the selected checkpoint after the clinical evaluation wrote its choices
     card = model_card(registered.checkpoint)
@@ -441,7 +442,7 @@ def test_team_server_on_postgresql_trains_registers_and_serves(
                 sql.execute("SELECT status FROM runs")
                 assert sql.fetchall() == [("FINISHED",)]
             experiment = MlflowClient(server_uri).get_experiment_by_name("medx")
-            assert experiment.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+            assert experiment.tags[runs.EXPERIMENT_KIND] == "custom_model_development"
             # artifacts went through the server into its own storage
             assert list((tmp_path / "artifacts").rglob("model.ckpt"))
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from medx import compare, store
+from medx import compare
 from medx.errors import MedxError
-from medx.sweep import PARENT_TAG, SWEEP_TAG
+from medx.tracking import store
+from medx.tracking.sweep import PARENT_TAG, SWEEP_TAG
 from medx.train import train
 
 

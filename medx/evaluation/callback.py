@@ -23,11 +23,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from medx import tracking
 from medx.errors import ConfigError
 from medx.evaluation import calibration, metrics, plots
 from medx.evaluation.tta import tta_logits
 from medx.models.load import update_card
+from medx.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class ClinicalEvaluation(Callback):
             logger.log_metrics(new, step=trainer.global_step)
             logger.save()
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in new.items()})
-        for logger in tracking.mlflow_loggers(trainer.loggers):  # in the run's evaluation/
+        for logger in runs.mlflow_loggers(trainer.loggers):  # in the run's evaluation/
             for path in files:
                 logger.experiment.log_artifact(logger.run_id, str(path), ARTIFACT_DIR)
         self.metrics = found
@@ -348,7 +348,7 @@ def _predict(module: L.LightningModule, loader: DataLoader, tta: bool = False) -
 
 def _history(trainer: L.Trainer) -> dict[str, list[tuple[int, float]]]:
     """train/ and val/ metric histories of the (first) MLflow run, for the training curves."""
-    for logger in tracking.mlflow_loggers(trainer.loggers):
+    for logger in runs.mlflow_loggers(trainer.loggers):
         client, run_id = logger.experiment, logger.run_id
         keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("train/", "val/"))]
         keys = [k for k in keys if not k.endswith(("_at_op", "nll", "nll_calibrated"))]

@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from medx import tracking
 from medx.models.quality import QualityBaseline
 from medx.quality.features import LOG_FEATURES
+from medx.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class QualityReport(Callback):
             pl_module.coefficients(),
             list(pl_module.hparams.class_names),
         )
-        tracking.log_artifacts(trainer.loggers, paths)
+        runs.log_artifacts(trainer.loggers, paths)
         log.info("Quality reports in %s", out_dir)
 
 

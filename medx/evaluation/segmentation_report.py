@@ -22,9 +22,9 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from medx import tracking
 from medx.evaluation.overlays import overlay, save_grid
 from medx.models.segmentation import PER_IMAGE, WORST, Case, EpochResults
+from medx.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SegmentationReport(Callback):
         if results.shown:
             name = f"val_epoch{results.epoch:03d}"
             grid = _grid(trainer, "val", results.shown, name)
-            tracking.log_artifacts(trainer.loggers, [grid], artifact_path=OVERLAY_DIR)
+            runs.log_artifacts(trainer.loggers, [grid], artifact_path=OVERLAY_DIR)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = _results(trainer, pl_module, "test")
@@ -54,13 +54,13 @@ class SegmentationReport(Callback):
         table = write_table(Path(trainer.default_root_dir) / CSV_NAME, results, _names(trainer))
         if trainer.fast_dev_run:
             return
-        tracking.log_artifacts(trainer.loggers, [table])
+        runs.log_artifacts(trainer.loggers, [table])
         grids = []
         if results.shown:
             grids.append(_grid(trainer, "test", results.shown, "test"))
         if results.worst:
             grids.append(_grid(trainer, "test", results.worst, "test_worst"))
-        tracking.log_artifacts(trainer.loggers, grids, artifact_path=OVERLAY_DIR)
+        runs.log_artifacts(trainer.loggers, grids, artifact_path=OVERLAY_DIR)
 
 
 def write_table(path: Path, results: EpochResults, names: Sequence[str] | None) -> Path:

@@ -47,7 +47,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents (plain tensors and values only), or a CheckpointError that
     names the file and says what is wrong with it."""
     if str(path).startswith("models:/"):  # a registered model: its checkpoint, cached
-        from medx.registry import resolve_model_uri
+        from medx.tracking.registry import resolve_model_uri
 
         path = resolve_model_uri(path)
     path = Path(path)

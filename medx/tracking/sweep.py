@@ -5,7 +5,7 @@ Hydra calls `ParentRun` (configured under `hydra.callbacks`) in the launching pr
 parent's id reaches each job as `$MEDX_PARENT_RUN_ID`, set by `on_job_start` in the job's own
 process: the launching process for the basic launcher, a submitit or Slurm process (which need
 not inherit our environment) for the others, which carry the callback there pickled. Then
-`medx.tracking.start_run` tags the job's run with `mlflow.parentRunId`, so the MLflow UI nests
+`medx.tracking.runs.start_run` tags the job's run with `mlflow.parentRunId`, so the MLflow UI nests
 the jobs under the sweep.
 """
 
@@ -28,8 +28,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
-from medx import store, tracking
 from medx.errors import ConfigError
+from medx.tracking import runs, store
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class ParentRun(Callback):
         self.client = MlflowClient(tracking_uri=str(logger.tracking_uri))
         # created as a run would create it: artifacts beside the store, the training view
         experiment_id = store.ensure_experiment(self.client, logger.experiment_name)
-        tracking.tag_training_experiment(self.client, experiment_id)
+        runs.tag_training_experiment(self.client, experiment_id)
         overrides = list(config.hydra.overrides.task)
         self.sweep_dir = sweep_dir = Path(str(config.hydra.sweep.dir))
         run = self.client.create_run(

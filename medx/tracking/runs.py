@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from medx import store
+from medx.tracking import store
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def start_run(
 ) -> None:
     """Create the MLflow run now (not lazily), so even a crash during data setup is recorded.
 
-    A new experiment of a sqlite store keeps its artifacts beside the database (medx.store),
-    not in `./mlruns` of the working directory, MLflow's default.
+    A new experiment of a sqlite store keeps its artifacts beside the database
+    (medx.tracking.store), not in `./mlruns` of the working directory, MLflow's default.
     """
     store.ensure_experiment(MlflowClient(logger._tracking_uri), logger._experiment_name)
     client, run_id = logger.experiment, logger.run_id
@@ -91,7 +91,7 @@ def start_run(
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    if parent := os.environ.get("MEDX_PARENT_RUN_ID"):  # set by medx.sweep.ParentRun
+    if parent := os.environ.get("MEDX_PARENT_RUN_ID"):  # set by medx.tracking.sweep.ParentRun
         tags["mlflow.parentRunId"] = parent
     for key, value in tags.items():
         client.set_tag(run_id, key, value)

@@ -97,9 +97,9 @@ class RegisteringMLFlowLogger(MLFlowLogger):
 def register_selected(trainer: Any, loggers: list[Logger]) -> ModelVersion | None:
     """After training and testing: log the selected checkpoint as an MLflow model in the run
     and register it under `logger.register_as` (nothing when that is null). Rank 0 only."""
-    from medx import tracking
+    from medx.tracking import runs
 
-    wanted = [lg for lg in tracking.mlflow_loggers(loggers) if getattr(lg, "register_as", None)]
+    wanted = [lg for lg in runs.mlflow_loggers(loggers) if getattr(lg, "register_as", None)]
     if not wanted:
         return None
     checkpoint = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -131,7 +131,7 @@ def log_and_register(checkpoint: Path, name: str, logger: MLFlowLogger) -> Model
         with _in_run(logger):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
-                python_model=str(Path(__file__).with_name("registry_pyfunc.py")),
+                python_model=str(Path(__file__).with_name("pyfunc.py")),
                 artifacts={"checkpoint": str(copy)},
                 signature=signature(card, model),
                 input_example=_input_example(card),
@@ -359,7 +359,7 @@ def resolve_model_uri(path: str | Path) -> Path:
         return Path(path)
     uri = str(path)
     name, version, alias = parse_model_uri(uri)
-    from medx import store
+    from medx.tracking import store
 
     tracking = tracking_uri()
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
@@ -393,7 +393,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else medx's default store (the one medx.train logs to)."""
-    from medx.store import default_uri
+    from medx.tracking.store import default_uri
 
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 

@@ -183,7 +183,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         """last.ckpt as a second name for the top-k file, not a second 134 MB write (resnet18 +
         AdamW: a tenth of a second an epoch). A hard link, made under a temporary name and
         renamed over: removing the top-k file later, or rewriting either name (written to a
-        new file and renamed, medx.checkpoint_io), never touches the other."""
+        new file and renamed, medx.training.checkpoint_io), never touches the other."""
         if trainer.is_global_zero:
             partial = f"{link}.{os.getpid()}.partial"
             try:
