@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: install train test test-slow test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu clean
+.PHONY: install train test test-slow test-all lint docs docs-serve ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check medx tests benchmarks
+
+# The documentation site (mkdocs.yml, docs/): built offline, --strict (a broken link, anchor or
+# API reference fails it); docs-serve: http://127.0.0.1:8000, rebuilt as pages change.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 EXPERIMENT ?= medx
 
@@ -84,4 +92,4 @@ bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py $(ARGS)
 
 clean:
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	rm -rf outputs multirun site .pytest_cache .ruff_cache

@@ -137,7 +137,41 @@ class LabelledSplits:
 
 
 class ImageFolderDataModule(LabelledSplits, SplitLoaders):
-    """Images in class folders; splits grouped by patient (`patient_pattern` on file names)."""
+    r"""Images in class folders; splits grouped by patient (`patient_pattern` on file names).
+
+    `data=folder` and `data=pneumonia` build it; every argument is the `data.<name>` key.
+
+    Args:
+        root: `root/<class>/*` (pool layout) or `root/{train,val,test}/<class>/*` (split
+            layout); None only for subclasses that find their own root (the phantom).
+        name: the data set's name in run names, logs and the model card.
+        classes: class folder names in label order (index 1 is the positive class of a binary
+            task); None: the subfolders, sorted.
+        image_size: side of the square model input, in pixels.
+        batch_size: training batch; val, test and predict batches are twice as large.
+        num_workers: DataLoader worker processes.
+        val_from_train: share of the pool's patients carved out for val when `val/` is missing
+            (patient-grouped, stratified by class).
+        test_from_train: the same for `test/`.
+        swap_val_test: swap the val and test splits once made (Kermany's 16-image `val/`).
+        patient_pattern: regex searched in file names; its first group that matched (or the
+            whole match) is the patient id (Kermany: `person(\d+)_|IM-(\d+)-`). None, or a
+            name it does not match: the image is its own patient. A DICOM file's PatientID
+            wins over it.
+        augment: training augmentation, `none`, `light` or `strong`; val and test never.
+        skip_bad_images: True: skip unreadable images with a warning instead of stopping.
+        seed: seeds the carving of splits and folds.
+        download_hint: what the error says to do when `root` does not exist.
+        folds: k-fold cross-validation over the pool when > 1 (the test split set aside first).
+        fold: which fold (0-based) is val.
+        duplicates: images with identical pixels in two splits: `warn`, `error` or `drop`
+            (the later copy).
+        intensity: per-image standardisation before the 8-bit conversion: `none`, `zscore`,
+            `equalize` or `clahe`.
+        cache: decode each image once into a store the epochs read: `disk` (a memory-mapped
+            file under `cache_dir/decoded`, reused by the next run), `memory` or `none`.
+        cache_dir: where `cache=disk` keeps its files.
+    """
 
     task = "classification"
     layout_hint = "Point data.root at a folder with one subfolder of images per class."
@@ -382,7 +416,12 @@ def _check_split_classes(layout: dict[str, Path]) -> None:
 
 
 class PhantomDataModule(PhantomRoot, ImageFolderDataModule):
-    """The embedded default: synthetic chest X-rays generated once into `cache_dir`."""
+    """The embedded default: synthetic chest X-rays generated once into `cache_dir`.
+
+    `data=phantom` builds it. It takes the phantom's own arguments (`PhantomRoot`) and passes
+    every other one on to `ImageFolderDataModule`; classes `NORMAL` and `OPACITY`, patients
+    from the file names (`patientNNNN_K.png`).
+    """
 
     phantom_defaults: ClassVar[dict[str, Any]] = {
         "name": "phantom",

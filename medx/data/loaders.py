@@ -76,6 +76,16 @@ class PhantomRoot(PhantomSource):
     Takes the phantom's own parameters; everything else goes on to the data module, with
     `phantom_defaults` (the name, the classes, the patient pattern of phantom file names)
     filled in where the config leaves them out.
+
+    Args:
+        cache_dir: where the generated set is kept (one folder per parameter set, made once);
+            also holds the decoded store of `data.cache`.
+        n_patients: patients in the set.
+        images_per_patient: images of each patient (same anatomy, another acquisition).
+        size: side of the generated PNGs, in pixels.
+        prevalence: share of patients in the positive class (`OPACITY`).
+        generator_seed: seed of the generator: the same seed gives the same images.
+        **kwargs: the data module's own arguments.
     """
 
     phantom_defaults: ClassVar[dict[str, Any]] = {}

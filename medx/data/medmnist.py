@@ -117,7 +117,28 @@ def download(url: str, target: Path, md5: str | None, timeout: float = 60) -> Pa
 
 
 class MedMNISTDataModule(LabelledSplits, SplitLoaders):
-    """A MedMNIST `.npz` with its official splits; grayscale images go to 3 channels."""
+    """A MedMNIST `.npz` with its official splits; grayscale images go to 3 channels.
+
+    `data=pneumoniamnist` builds it; every argument is the `data.<name>` key.
+
+    Args:
+        root: the `.npz` file, or the folder that holds (or will hold) it.
+        flag: the MedMNIST data set (`pneumoniamnist`, `bloodmnist`, ...).
+        size: the MedMNIST(+) image size of the file: 28, or 64, 128, 224 (`<flag>_<size>.npz`).
+        classes: class names in label order; None: the label numbers (`0`, `1`, ...).
+        name: the data set's name in run names and the model card; None: `flag`.
+        url: where to download the file from; None: the official Zenodo record.
+        md5: the file's expected MD5; `auto`: the official checksum of a known file; None: no
+            check. A downloaded file that differs is deleted.
+        download: False: never download; a missing file is an error saying where to copy it.
+        image_size: side of the model input (the 28 px images are resized to it).
+        batch_size: training batch; val, test and predict batches are twice as large.
+        num_workers: DataLoader worker processes (0 suits in-memory arrays).
+        augment: training augmentation, `none`, `light` or `strong`.
+        seed: accepted as every data module's; nothing is carved (the official splits).
+        duplicates: images with identical pixels in two splits: `warn`, `error` or `drop`.
+        intensity: per-image standardisation: `none`, `zscore`, `equalize` or `clahe`.
+    """
 
     task = "classification"
 

@@ -121,7 +121,30 @@ class QualityImageDataset(Dataset):
 
 
 class QualityDataModule(PhantomDataModule):
-    """Good vs degraded images from the phantom (default) or `source_root`."""
+    """Good vs degraded images from the phantom (default) or `source_root`.
+
+    `data=quality` builds it. Classes `good` (0) and `bad` (1); batches carry images for CNNs
+    or feature vectors for the feature baseline (`inputs`, set by medx.train from the model
+    class). The phantom's arguments and the folder data module's (`image_size`,
+    `patient_pattern`, `cache`, ...) are accepted as for `PhantomDataModule`; `intensity` must
+    stay `none`.
+
+    Args:
+        cache_dir: where the phantom is generated and the decoded store kept.
+        feature_cache: where the features of each split are cached (computed once); None:
+            computed every run.
+        source_root: a class-folder tree of clean source images (e.g. the Kermany `train/`);
+            None: the phantom.
+        degradations: degradation name → [low, high] severity range in [0, 1]; None: all nine
+            degradations over the whole range.
+        bad_ratio: degraded twins per clean image (fractions allowed: 2.5 gives 2 or 3).
+        max_sources: at most this many source images in all, each split cut in proportion;
+            None: all.
+        train_crop: CNN training on random windows of this size (32 to `image_size`); val and
+            test see whole images. None: whole images.
+        train_repeats: training windows per image and epoch.
+        **kwargs: the phantom's and the folder data module's arguments.
+    """
 
     phantom_defaults: ClassVar[dict[str, Any]] = {
         **PhantomDataModule.phantom_defaults,

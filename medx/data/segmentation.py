@@ -130,7 +130,39 @@ class SegmentationDataset(Dataset):
 
 
 class SegmentationDataModule(SplitLoaders):
-    """Image/mask pairs; splits grouped by patient (metadata.csv or `patient_pattern`)."""
+    """Image/mask pairs; splits grouped by patient (metadata.csv or `patient_pattern`).
+
+    `data=lung_seg` builds it; every argument is the `data.<name>` key. Batches are (image in
+    [0, 1], mask in {0, 1}) at `image_size`.
+
+    Args:
+        root: `root/images` + `root/masks` (pool layout) or
+            `root/{train,val,test}/{images,masks}` (split layout); masks share their image's
+            file stem. None only for subclasses that find their own root (the phantom).
+        name: the data set's name in run names, logs and the model card.
+        image_size: side of the square input, a multiple of 32 (images and masks are resized
+            to it).
+        batch_size: training batch; val, test and predict batches are twice as large.
+        num_workers: DataLoader worker processes.
+        val_from_train: share of patients carved out for val when there is no `val/`.
+        test_from_train: the same for `test/`.
+        metadata: a CSV in `root` with columns `image` and `patient_id`; None or absent:
+            patients from `patient_pattern`.
+        patient_pattern: regex on file names giving the patient when there is no metadata;
+            None: each image is its own patient.
+        augment: training augmentation (`none`, `light`, `strong`); geometric steps move the
+            mask with the image.
+        skip_bad_images: True: skip pairs whose image or mask is missing or bad, with a
+            warning, instead of stopping.
+        seed: seeds the carving of splits.
+        download_hint: what the error says to do when `root` does not exist.
+        duplicates: images with identical pixels in two splits: `warn`, `error` or `drop`.
+        intensity: per-image standardisation: `none`, `zscore`, `equalize` or `clahe`.
+        cache: `disk` keeps the resized pairs in a memory-mapped file under
+            `cache_dir/decoded` that the next run reads instead of decoding; `memory` and
+            `none` keep them in RAM for this run only.
+        cache_dir: where `cache=disk` keeps its files.
+    """
 
     task = "segmentation"
     layout_hint = "Point data.root at a folder with images/ and masks/."
@@ -332,7 +364,11 @@ class SegmentationDataModule(SplitLoaders):
 
 
 class PhantomSegDataModule(PhantomRoot, SegmentationDataModule):
-    """The embedded default: the phantom's lung masks, generated once into `cache_dir`."""
+    """The embedded default: the phantom's lung masks, generated once into `cache_dir`.
+
+    `data=phantom_seg` builds it: the phantom's own arguments (`PhantomRoot`), every other
+    one passed on to `SegmentationDataModule`.
+    """
 
     phantom_defaults: ClassVar[dict[str, Any]] = {
         "name": "phantom_seg",

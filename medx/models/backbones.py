@@ -65,6 +65,21 @@ def create_backbone(
     max-pooling, so 28 px inputs (MedMNIST) keep a 4×4 map at the last stage instead of 1×1.
     `pretrained_url`: where ImageNet weights come from instead of timm's hub (a mirror, a
     file server inside a hospital network).
+
+    Args:
+        name: a medx name (`BACKBONES`) or any timm architecture.
+        num_classes: outputs of the new head.
+        pretrained: ImageNet weights through timm (or `pretrained_url`).
+        weights: a local timm/torchvision state dict, or a medx checkpoint whose network is
+            taken; not together with `pretrained`.
+        drop_rate: dropout before the classifier (inside the head with `head_hidden`).
+        head_hidden: width of a hidden head layer; None: one linear layer.
+        small_input: the small-input ResNet stem (ResNets only).
+        pretrained_url: where ImageNet weights come from instead of timm's hub.
+
+    Returns:
+        The network with its parameter groups (`blocks`, `head`) and its input mean and std
+        (ImageNet's when it starts from weights, 0.5/0.5 otherwise).
     """
     arch = _timm_name(name)
     if pretrained and weights:

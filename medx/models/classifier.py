@@ -98,7 +98,33 @@ class ClassifierSteps:
 
 
 class ClassificationModule(ClassifierSteps, TransferModule):
-    """Transfer-learning classifier; binary tasks treat class index 1 as positive."""
+    """Transfer-learning classifier; binary tasks treat class index 1 as positive.
+
+    The `model=` choices `resnet18`, `densenet121`, ... build it; `model.<name>` keys are its
+    arguments, and medx.train adds `num_classes` and `class_counts` from the data module and
+    the `strategy`, `optimizer`, `scheduler`, `loss` and `mixup` groups. `forward` takes [0, 1]
+    images and returns class logits; the normalisation is inside the model.
+
+    Args:
+        backbone: a medx name (`resnet18`, `resnet50`, `densenet121`, `vgg16`,
+            `efficientnet_b0`) or any timm architecture.
+        num_classes: classes of the task.
+        pretrained: start from ImageNet weights through timm (needs the network, or
+            `pretrained_url`).
+        weights: start from a local timm/torchvision state dict or a medx checkpoint.
+        drop_rate: dropout before the classifier (and inside the `head_hidden` head).
+        head_hidden: 512: the head becomes dropout → linear(512) → ReLU → dropout → linear.
+        small_input: a 3×3 stride-1 ResNet stem without max-pooling, for 28-64 px inputs.
+        pretrained_url: where ImageNet weights come from instead of timm's hub.
+        class_weights: weight the loss by inverse training class frequency.
+        class_counts: training images per class (needed by `class_weights`).
+        compile: `torch.compile` the network when fitting.
+        strategy: which backbone blocks train and at which LR (`strategy=` group).
+        optimizer: a partial optimizer, completed with the parameter groups.
+        scheduler: a partial LR scheduler, completed with the optimizer.
+        loss: a partial loss (`loss=` group: cross-entropy, focal, BCE); None: cross-entropy.
+        mixup: a partial timm `Mixup` for training batches (`mixup=` group); None: off.
+    """
 
     task = "classification"
     monitor, monitor_mode = "val/auroc", "max"  # checkpoint selection when cfg.monitor is null

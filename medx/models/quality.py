@@ -38,6 +38,22 @@ class QualityBaseline(ClassifierSteps, MedxModule):
 
     The standardisation (mean, std per feature, after log of the `LOG_FEATURES`) is fitted on
     the training batches only, at the start of fitting, and saved in the checkpoint.
+
+    `model=quality_logreg` builds it (with `data=quality`, which then serves feature vectors).
+
+    Args:
+        backbone: the feature classifier; `logreg` is the one there is.
+        num_classes: classes of the task (2: good, bad).
+        feature_names: the features it reads, in the data module's order.
+        class_weights: weight the loss by inverse training class frequency.
+        class_counts: training samples per class (needed by `class_weights`).
+        lr: replaces the optimizer's learning rate (a linear model on standardised features
+            wants a far larger step than a CNN); None: the optimizer's own.
+        class_names: class names in label order.
+        strategy: accepted for a uniform config; there are no blocks to freeze.
+        optimizer: a partial optimizer, completed with the parameters.
+        scheduler: a partial LR scheduler, completed with the optimizer.
+        loss: a partial loss (`loss=` group); None: cross-entropy.
     """
 
     task = "classification"

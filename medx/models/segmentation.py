@@ -87,7 +87,33 @@ def make_loss(name: str) -> nn.Module:
 
 
 class SegmentationModule(TransferModule):
-    """Lung (or any binary) masks; the strategies freeze encoder blocks as for classifiers."""
+    """Lung (or any binary) masks; the strategies freeze encoder blocks as for classifiers.
+
+    The `model=` choices `unet`, `unetplusplus`, `fpn` and `deeplabv3plus` build it
+    (segmentation-models-pytorch, one output channel); `forward` takes [0, 1] images and
+    returns mask logits.
+
+    Args:
+        arch: the smp architecture (`unet`, `unetplusplus`, `fpn`, `deeplabv3plus`).
+        encoder: any smp encoder (`resnet18`, `resnet34`, `efficientnet-b0`, ...) or
+            `tu-<timm name>`.
+        pretrained: ImageNet encoder weights through smp (needs the network).
+        weights: the encoder from a timm/torchvision state dict or a medx checkpoint (e.g. a
+            classifier with the same backbone).
+        loss: `dice`, `bce`, `dice_bce` or `focal` (smp's losses).
+        zscore: standardise each input image on its own (mean 0, std 1).
+        xavier_init: Xavier-initialise decoder and head when not pretrained.
+        arch_kwargs: more smp arguments, e.g. `{decoder_channels: [128, 64, 32, 16, 8]}`.
+        image_size: the data's input size, saved with the hyper-parameters.
+        threshold: probability at or above which a pixel is foreground.
+        postprocess: `none` or `lungs` (keep the two largest regions, fill their holes),
+            applied wherever masks are made (val, test, overlays, prediction).
+        overlay_images: how many val/test images the report draws each epoch.
+        compile: `torch.compile` the network when fitting.
+        strategy: which encoder blocks train and at which LR (`strategy=` group).
+        optimizer: a partial optimizer, completed with the parameter groups.
+        scheduler: a partial LR scheduler, completed with the optimizer.
+    """
 
     task = "segmentation"
     monitor, monitor_mode = "val/dice", "max"  # checkpoint selection when cfg.monitor is null
