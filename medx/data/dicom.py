@@ -60,7 +60,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
 from medx.data.io import _bad
-from medx.data.limits import check_file
+from medx.data.limits import check_dataset, check_file
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
@@ -125,8 +125,9 @@ def read_dicom(path: Path, max_pixels: int | None = None, data: bytes | None = N
     """
     path = Path(path)
     with _opened(path, data) as fp:
-        check_file(fp, path, max_pixels)
+        check_file(fp, path, max_pixels)  # under a limit: every declared size, from headers
         ds = load_dataset(fp, path)
+    check_dataset(ds, path)  # a codestream that contradicts the header is never decoded
     stored = _stored_pixels(ds, path)
     # Every step maps each stored value on its own, so the grey of each value that occurs is
     # computed once and looked up: one pass over the pixels instead of several in float64.

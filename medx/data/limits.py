@@ -16,7 +16,14 @@ holds only if it is checked against every size the file declares, read without d
 Reading is bounded: a DICOM header is read up to its pixel data with large values left on
 disk, only the first 64 KB of the first frame, and a deflated DICOM is inflated in chunks and
 refused when it holds more than its header declares. Under a limit, a file whose format is
-none of these (so whose size cannot be known before decoding) is refused.
+none of these (so whose size cannot be known before decoding) is refused. Only the first
+frame's codestream is read: medx.data.dicom refuses multi-frame files before decoding.
+Encapsulated data that start with no codestream known here (RLE, or data that are not what
+their transfer syntax says) are left to pydicom's decoders, which allocate the header's size
+or cannot parse them either.
+
+Readers (medx.data.io.read_image, medx.data.dicom.read_dicom) call check_file before reading
+a file in full and check_dataset on a DICOM dataset they read, so no caller bypasses them.
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from medx.data.io import BadImageError, _bad
+
+__all__ = [
+    "DeclaredSize",
+    "TooManyPixels",
+    "check_dataset",
+    "check_declared_size",
+    "check_file",
+    "declared_sizes",
+]
 
 _DICOM_MAGIC_AT = 128
 _HEAD = 1 << 16  # bytes of a codestream read for its header: every real one fits in far less
@@ -128,14 +144,35 @@ def check_declared_size(
             the file is none of the formats whose size can be read before decoding.
     """
     with _opened(source, name) as (fp, path):
-        return check_file(fp, path, max_pixels)
+        return _checked(_sizes(fp, path), max_pixels, path)
 
 
 def check_file(fp: BinaryIO, path: Path, max_pixels: int | None) -> list[DeclaredSize]:
-    """check_declared_size on an open binary file (read from its start), naming it ``path``."""
-    if max_pixels is None and not _is_dicom(fp):
-        return []
-    sizes = _sizes(fp, path)
+    """What a reader checks before it reads ``fp`` (an open file, named ``path``) in full.
+
+    Under a limit, as check_declared_size. Without one, only what reading the whole file
+    would otherwise allocate without bound: a deflated DICOM is inflated in chunks first.
+    The reader then checks the DICOM dataset it read with check_dataset, at no extra parse.
+    """
+    if max_pixels is not None:
+        return _checked(_sizes(fp, path), max_pixels, path)
+    if _is_dicom(fp) and _syntax(fp) == DeflatedExplicitVRLittleEndian:
+        _inflated_header(fp, path)
+    fp.seek(0)
+    return []
+
+
+def check_dataset(ds: Dataset, path: Path) -> None:
+    """Refuse a DICOM dataset, read in full, whose first frame's codestream declares another
+    size or number of components than its header: a decoder would allocate the former."""
+    if "PixelData" not in ds or not ds["PixelData"].is_undefined_length:
+        return
+    element = ds["PixelData"]
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    _check_consistent(_declared(ds, syntax, _frame_head(io.BytesIO(element.value)), path), path)
+
+
+def _checked(sizes: list[DeclaredSize], max_pixels: int | None, path: Path) -> list[DeclaredSize]:
     if max_pixels is not None:
         if not sizes:
             raise _bad(
@@ -180,7 +217,7 @@ def _sizes(fp: BinaryIO, path: Path) -> list[DeclaredSize]:
         return _dicom_sizes(fp, path)
     try:
         return _image_sizes(head, fp)
-    except (struct.error, ValueError, OSError, SyntaxError) as exc:  # PIL: SyntaxError
+    except Exception as exc:  # struct, and PIL's TIFF reader, raise many types on bad input
         raise _bad(path, f"is corrupt: its header cannot be read ({exc})") from exc
 
 
@@ -251,15 +288,17 @@ _MARKER_NAMES = {_SOF55: "SOF55", _DHP: "DHP"}
 
 
 def _next_marker(fp: BinaryIO) -> int | None:
-    """The next marker code; None at the end of the data."""
-    byte = fp.read(1)
-    if not byte:
-        return None
-    if byte != b"\xff":
-        raise ValueError(f"expected a JPEG marker at byte {fp.tell() - 1}")
-    while (byte := fp.read(1)) == b"\xff":  # fill bytes
-        pass
-    return byte[0] if byte else None
+    """The next marker code, None at the end of the data. Bytes before it are skipped, as
+    libjpeg skips them (with a warning), so that no frame header libjpeg sees is missed."""
+    while True:
+        while (byte := fp.read(1)) and byte != b"\xff":
+            pass
+        while byte == b"\xff":  # fill bytes
+            byte = fp.read(1)
+        if not byte:
+            return None
+        if byte != b"\x00":  # FF00 is a stuffed data byte, not a marker
+            return byte[0]
 
 
 def _read_exactly(fp: BinaryIO, count: int) -> bytes:
@@ -338,12 +377,18 @@ def _webp_size(head: bytes) -> DeclaredSize:
 def _dicom_sizes(fp: BinaryIO, path: Path) -> list[DeclaredSize]:
     from medx.data.dicom import load_dataset  # dicom.py imports this module
 
-    if _syntax(fp) == DeflatedExplicitVRLittleEndian:
-        ds, syntax = _inflated_header(fp, path), DeflatedExplicitVRLittleEndian
-    else:
-        fp.seek(0)
-        ds = load_dataset(fp, path, header_only=True)  # stops at the pixel data element
-        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    if _syntax(fp) == DeflatedExplicitVRLittleEndian:  # native pixels: the header's size
+        return _declared(_inflated_header(fp, path), DeflatedExplicitVRLittleEndian, b"", path)
+    fp.seek(0)
+    ds = load_dataset(fp, path, header_only=True)  # stops at the pixel data element
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    element = fp.read(12)  # where pydicom stopped: encapsulated data have undefined length
+    encapsulated = element[:4] == b"\xe0\x7f\x10\x00" and element[8:] == b"\xff" * 4
+    return _declared(ds, syntax, _frame_head(fp) if encapsulated else b"", path)
+
+
+def _declared(ds: Dataset, syntax: UID, head: bytes, path: Path) -> list[DeclaredSize]:
+    """The header's size, and that of the codestream starting the first frame, ``head``."""
     sizes = []
     if "Rows" in ds and "Columns" in ds:
         try:
@@ -355,19 +400,17 @@ def _dicom_sizes(fp: BinaryIO, path: Path) -> list[DeclaredSize]:
                 path, f"is a corrupt DICOM file: its image size is unreadable ({exc})"
             ) from exc
         sizes.append(size)
-    if syntax != DeflatedExplicitVRLittleEndian:  # encapsulated data have undefined length
-        head = _first_frame_head(fp)
-        try:
-            if head.startswith(b"\xff\xd8"):
-                sizes += _jpeg_sizes(io.BytesIO(head[2:]), _JPEG_KIND.get(syntax, "JPEG"))
-            elif head.startswith(_J2K) or head.startswith(_JP2):
-                sizes += _j2k_sizes(head)
-        except (struct.error, ValueError) as exc:
-            raise _bad(
-                path,
-                f"is a truncated or corrupt DICOM file: its {syntax.name} pixel data cannot be "
-                f"decoded (their codestream header cannot be read: {exc})",
-            ) from exc
+    try:
+        if head.startswith(b"\xff\xd8"):
+            sizes += _jpeg_sizes(io.BytesIO(head[2:]), _JPEG_KIND.get(syntax, "JPEG"))
+        elif head.startswith(_J2K) or head.startswith(_JP2):
+            sizes += _j2k_sizes(head)
+    except (struct.error, ValueError) as exc:
+        raise _bad(
+            path,
+            f"is a truncated or corrupt DICOM file: its {syntax.name} pixel data cannot be "
+            f"decoded (their codestream header cannot be read: {exc})",
+        ) from exc
     return sizes
 
 
@@ -388,13 +431,10 @@ def _syntax(fp: BinaryIO) -> str | None:
     return str(meta.get("TransferSyntaxUID", "")) or None
 
 
-def _first_frame_head(fp: BinaryIO) -> bytes:
+def _frame_head(fp: BinaryIO) -> bytes:
     """Up to _HEAD bytes of encapsulated pixel data after the Basic Offset Table: the start
-    of the first frame, across fragments if it is split. ``fp`` is at the PixelData element
-    (where pydicom stopped before the pixels); b"" when no encapsulated data are there."""
-    element = fp.read(12)
-    if len(element) < 12 or element[:4] != b"\xe0\x7f\x10\x00" or element[8:] != b"\xff" * 4:
-        return b""
+    of the first frame, across fragments if it is split. ``fp`` is at the first item (the
+    offset table); data that are not items give b"" (pydicom then says what is wrong)."""
     head, offset_table = b"", True
     while len(head) < _HEAD and len(item := fp.read(8)) == 8:
         tag, length = struct.unpack("<4sI", item)

@@ -241,6 +241,14 @@ def test_an_exif_thumbnail_inside_a_jpeg_is_not_its_size(gray: np.ndarray) -> No
     )
 
 
+def test_bytes_between_jpeg_segments_are_skipped_as_libjpeg_skips_them(gray: np.ndarray):
+    data = cv2.imencode(".jpg", gray)[1].tobytes()
+    app0_end = 4 + struct.unpack(">H", data[4:6])[0]
+    damaged = data[:app0_end] + b"\x00\x17\xff\x00" + data[app0_end:]
+
+    assert declared_sizes(damaged) == [DeclaredSize("JPEG frame header (SOF0)", 224, 224)]
+
+
 def test_a_file_whose_size_cannot_be_read_is_refused_under_a_limit_only(
     gray: np.ndarray, tmp_path: Path
 ) -> None:
