@@ -144,7 +144,7 @@ def check_declared_size(
             the file is none of the formats whose size can be read before decoding.
     """
     with _opened(source, name) as (fp, path):
-        return _checked(_sizes(fp, path), max_pixels, path)
+        return _checked(fp, path, max_pixels)
 
 
 def check_file(fp: BinaryIO, path: Path, max_pixels: int | None) -> list[DeclaredSize]:
@@ -155,7 +155,7 @@ def check_file(fp: BinaryIO, path: Path, max_pixels: int | None) -> list[Declare
     The reader then checks the DICOM dataset it read with check_dataset, at no extra parse.
     """
     if max_pixels is not None:
-        return _checked(_sizes(fp, path), max_pixels, path)
+        return _checked(fp, path, max_pixels)
     if _is_dicom(fp) and _syntax(fp) == DeflatedExplicitVRLittleEndian:
         _inflated_header(fp, path)
     fp.seek(0)
@@ -172,9 +172,10 @@ def check_dataset(ds: Dataset, path: Path) -> None:
     _check_consistent(_declared(ds, syntax, _frame_head(io.BytesIO(element.value)), path), path)
 
 
-def _checked(sizes: list[DeclaredSize], max_pixels: int | None, path: Path) -> list[DeclaredSize]:
+def _checked(fp: BinaryIO, path: Path, max_pixels: int | None) -> list[DeclaredSize]:
+    sizes = _sizes(fp, path)
     if max_pixels is not None:
-        if not sizes:
+        if not sizes and not _is_dicom(fp):  # DICOM without Rows is never decoded
             raise _bad(
                 path,
                 f"cannot be sized before decoding: it is not a {_FORMATS} file, or it is corrupt",

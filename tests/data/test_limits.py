@@ -22,6 +22,7 @@ import pytest
 from dicom_files import cxr_gray, dicom_dataset, j2k_zeros, save, size_lie, variant_dataset
 from PIL import Image
 from pydicom import uid
+from pydicom.dataset import Dataset, FileMetaDataset
 
 from medx.data.io import BadImageError, read_image, read_image_bytes
 from medx.data.limits import (
@@ -261,6 +262,20 @@ def test_a_file_whose_size_cannot_be_read_is_refused_under_a_limit_only(
 
 
 # --- DICOM: the header and the codestream ---------------------------------------------------
+
+
+def test_a_dicom_without_an_image_is_still_named_for_what_it_is_under_a_limit(tmp_path: Path):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = uid.BasicTextSRStorage, uid.generate_uid()
+    path = save(ds, tmp_path / "report.dcm")
+
+    assert declared_sizes(path) == []
+    with pytest.raises(
+        BadImageError, match=r"has no pixel data .* Basic Text SR Storage, not an image"
+    ):
+        read_image(path, max_pixels=LIMIT)
 
 
 def test_a_dicom_declares_its_header_and_its_codestream(gray: np.ndarray, tmp_path: Path):
