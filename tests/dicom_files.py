@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 
 # The variants of write_dicom_variants and how each stores 8-bit pixels v (all decode to v).
 VARIANTS = {
@@ -95,6 +96,25 @@ def variant_dataset(name: str, gray: np.ndarray, patient_id: str = "P0001") -> D
             ds.compress(uid.JPEG2000Lossless)
         return ds
     raise KeyError(f"unknown DICOM variant {name!r}; known: {', '.join(VARIANTS)}")
+
+
+def j2k_zeros(side: int) -> bytes:
+    """A real JPEG 2000 codestream of side x side zero pixels, by OpenJPEG: 8000 x 8000 takes
+    252 bytes (and 2-5 s and 400 MB to encode); decoding it allocates over 300 MB."""
+    from openjpeg.utils import encode_array
+
+    return encode_array(np.zeros((side, side), np.uint8))
+
+
+def size_lie(gray: np.ndarray, stream: bytes, syntax: str, path: Path) -> Path:
+    """A DICOM file whose header declares the size of ``gray`` while its one fragment of
+    pixel data is ``stream``, a codestream (JPEG 2000, JPEG, ...) that may declare another:
+    what a check of the header alone lets through to the decoder."""
+    ds = dicom_dataset(gray)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    return save(ds, path)
 
 
 def variant_path(folder: Path, name: str) -> Path:

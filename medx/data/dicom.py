@@ -17,13 +17,17 @@ The pixel pipeline follows the standard's order (PS3.3 C.11, PS3.4 N.2):
    VOILUTFunction: LINEAR, LINEAR_EXACT or SIGMOID; pydicom's ``apply_voi_lut``). The first
    one is the one the modality chose as the default view, the one a radiologist sees when
    the image opens; the window's bounds become black and white;
-3. with neither, the whole range that BitsStored can hold, taken through the modality LUT,
-   becomes black..white: 12-bit data in 16-bit words spans 0..4095, not 0..65535. This
-   range is fixed by the file, not by its content, so one grey level means one detector
-   value in every image of a series (a per-image min..max stretch, as medx.data.io applies
-   to 16-bit PNGs, would not); data that fill only part of it look dull, as they do in a
-   viewer that shows the stored range. Radiographs from DX/CR modalities nearly always
-   carry a window; this case is mostly converted and secondary-capture images;
+3. with neither, the range of values that the pixels' bit depth holds, taken through the
+   modality LUT, becomes black..white. The bit depth is BitsStored, or fewer bits (at least
+   8) when every stored value fits in fewer: writers often declare 16 bits for 12-bit
+   detector data, and a signed image of -1024..1000 declared as 16 bits would otherwise use
+   8 grey levels around mid-grey, a flat image. Unsigned values (and signed ones that are
+   all >= 0) span 0..2**bits-1, signed ones with negative values -2**(bits-1)..2**(bits-1)-1:
+   12-bit data span 0..4095, and the -1024..1000 image -1024..1023, black to white. The range
+   depends on the content only through its bit depth, so one grey level means one detector
+   value in every image of a series that uses the same depth (a per-image min..max stretch,
+   as medx.data.io applies to 16-bit PNGs, would not). Radiographs from DX/CR modalities
+   nearly always carry a window; this case is mostly converted and secondary-capture images;
 4. MONOCHROME1 (minimum is white) is inverted, so that in the result dense tissue is bright
    as in a MONOCHROME2 image, a PNG or a JPEG;
 5. the result, 0..1, is rounded to uint8 0..255.
@@ -35,13 +39,17 @@ without a rescale and a window that maps them back) reads back exactly those pix
 
 Every failure is a ``BadImageError`` naming the file and the reason: no pixel data (not an
 image: a structured report, a presentation state), colour, multi-frame, a transfer syntax
-that no installed decoder reads (named), a file that is not DICOM after all, or a corrupt
-or truncated one.
+that no installed decoder reads (named), a file that is not DICOM after all, a corrupt or
+truncated one (also a codestream that declares another size than the header), a blank one
+(every pixel the same grey after these steps: nothing to classify), or, under a pixel limit,
+one that declares more pixels (medx.data.limits, checked before decoding).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -52,6 +60,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
 from medx.data.io import _bad
+from medx.data.limits import check_dataset, check_file
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
@@ -62,14 +71,16 @@ _SUPPORTED = (
     "one sample per pixel)"
 )
 _MAX_TABLE = 2**17  # a lookup table for up to 17 bits of stored values
+_HEADER_VALUES = 1 << 16  # header values larger than this stay on disk while sizes are read
 _CONVERT = "convert it to an uncompressed transfer syntax (e.g. `gdcmconv --raw IN OUT`)"
 
 
-def is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path, data: bytes | None = None) -> bool:
     """A ``.dcm``/``.dicom`` file, or one with no (or a numeric) extension and the DICM marker.
 
     Only files whose name could be DICOM are opened (132 bytes), so listing a folder of PNGs
     costs nothing more; a numeric "extension" is the tail of a UID used as a file name.
+    ``data``: the file's bytes, when they are in memory (then ``path`` is only its name).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -77,6 +88,8 @@ def is_dicom_file(path: Path) -> bool:
         return True
     if path.name.upper() == "DICOMDIR" or not (suffix == "" or suffix[1:].isdigit()):
         return False
+    if data is not None:
+        return data[_MAGIC_OFFSET : _MAGIC_OFFSET + len(_MAGIC)] == _MAGIC
     try:
         with path.open("rb") as handle:
             head = handle.read(_MAGIC_OFFSET + len(_MAGIC))
@@ -100,10 +113,21 @@ def dicom_patient_id(path: Path) -> str | None:
     return value or None
 
 
-def read_dicom(path: Path) -> np.ndarray:
-    """Decode one DICOM file to uint8 HxW by the module's pipeline; BadImageError naming it."""
+def read_dicom(path: Path, max_pixels: int | None = None, data: bytes | None = None) -> np.ndarray:
+    """Decode one DICOM file to uint8 HxW by the module's pipeline; BadImageError naming it.
+
+    Args:
+        path: the file; with ``data``, only the name that errors give.
+        max_pixels: refuse (TooManyPixels) a file whose header or codestream declares more
+            pixels, before decoding; None: no limit. A codestream that contradicts the header
+            is refused either way (medx.data.limits).
+        data: the file's bytes, when they are in memory already.
+    """
     path = Path(path)
-    ds = _read(path)
+    with _opened(path, data) as fp:
+        check_file(fp, path, max_pixels)  # under a limit: every declared size, from headers
+        ds = load_dataset(fp, path)
+    check_dataset(ds, path)  # a codestream that contradicts the header is never decoded
     stored = _stored_pixels(ds, path)
     # Every step maps each stored value on its own, so the grey of each value that occurs is
     # computed once and looked up: one pass over the pixels instead of several in float64.
@@ -118,10 +142,19 @@ def read_dicom(path: Path) -> np.ndarray:
             f"{_reason(exc)}); it is corrupt or was written by a faulty tool",
         ) from exc
     if values is stored:
-        return grey
-    if stored.dtype == np.uint8:  # OpenCV's lookup is several times faster than numpy's
-        return cv2.LUT(stored, np.pad(grey, (0, 256 - grey.size)))
-    return np.take(grey, stored if low == 0 else stored.astype(np.int64) - low)
+        image = grey
+    elif stored.dtype == np.uint8:  # OpenCV's lookup is several times faster than numpy's
+        image = cv2.LUT(stored, np.pad(grey, (0, 256 - grey.size)))
+    else:
+        image = np.take(grey, stored if low == 0 else stored.astype(np.int64) - low)
+    darkest, brightest = cv2.minMaxLoc(image)[:2]
+    if darkest == brightest:
+        raise _bad(
+            path,
+            f"is blank: every pixel shows grey level {int(darkest)} after the DICOM grey-level "
+            f"steps (stored values {stored.min()}..{stored.max()}), so there is no picture in it",
+        )
+    return image
 
 
 def display_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -142,8 +175,8 @@ def display_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
         # first may exceed last (a negative slope), which the division undoes.
         unit = (apply_voi_lut(modality, ds, index=0) - first) / (last - first)
     else:
-        low, high = min(first, last), max(first, last)
-        unit = (modality - low) / (high - low)
+        black, white = _plain_range(stored, ds)
+        unit = (modality - black) / (white - black)
     unit = np.clip(unit, 0.0, 1.0)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         unit = 1.0 - unit
@@ -163,10 +196,32 @@ def _modality_range(ds: Dataset) -> tuple[float, float]:
         low, high = 0, 2**bits - 1
     else:
         low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return _rescaled(ds, low, high)
+
+
+def _rescaled(ds: Dataset, low: int, high: int) -> tuple[float, float]:
+    """Where two stored values land through RescaleSlope/RescaleIntercept."""
     if "RescaleSlope" in ds and "RescaleIntercept" in ds:
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         return low * slope + intercept, high * slope + intercept
     return float(low), float(high)
+
+
+def _plain_range(stored: np.ndarray, ds: Dataset) -> tuple[float, float]:
+    """Black and white without a VOI (step 3): the range of the bit depth the stored values
+    use, taken through the modality LUT; ``stored`` holds at least the extreme values."""
+    if ds.get("ModalityLUTSequence"):
+        return _modality_range(ds)
+    declared = int(ds.BitsStored)
+    low, high = int(stored.min()), int(stored.max())
+    if low >= 0:  # also signed pixels without negative values
+        bits = min(declared, max(8, high.bit_length()))
+        first, last = 0, 2**bits - 1
+    else:
+        bits = min(declared, max(8, 1 + max((-low - 1).bit_length(), high.bit_length())))
+        first, last = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    first, last = _rescaled(ds, first, last)
+    return min(first, last), max(first, last)
 
 
 def _has_voi_lut(ds: Dataset) -> bool:
@@ -186,14 +241,21 @@ def _voi_lut_max(ds: Dataset) -> float:
     return float(2**used - 1)
 
 
-def _read(path: Path) -> Dataset:
+def load_dataset(fp: BinaryIO, path: Path, header_only: bool = False) -> Dataset:
+    """The dataset in an open DICOM file (BadImageError naming ``path`` when it is not one).
+
+    ``header_only``: stop before the pixel data, leaving ``fp`` at that element, with values
+    over 64 KB left unread (medx.data.limits reads sizes so before anything is allocated).
+    """
+    fp.seek(0, io.SEEK_END)
+    if fp.tell() == 0:
+        raise _bad(path, "is empty (0 bytes)")
+    fp.seek(0)
     try:
-        ds = pydicom.dcmread(path)
+        if header_only:
+            return pydicom.dcmread(fp, stop_before_pixels=True, defer_size=_HEADER_VALUES)
+        return pydicom.dcmread(fp)
     except pydicom.errors.InvalidDicomError as exc:
-        if not path.is_file():
-            raise _bad(path, "cannot be read (no such file)") from exc
-        if path.stat().st_size == 0:
-            raise _bad(path, "is empty (0 bytes)") from exc
         raise _bad(
             path,
             "is not a DICOM file: it lacks the 'DICM' marker at byte 128 of a DICOM Part 10 "
@@ -204,7 +266,17 @@ def _read(path: Path) -> Dataset:
         raise _bad(path, f"cannot be read ({exc.strerror or exc})") from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise _bad(path, f"is a truncated or corrupt DICOM file ({_reason(exc)})") from exc
-    return ds
+
+
+def _opened(path: Path, data: bytes | None) -> BinaryIO:
+    if data is not None:
+        return io.BytesIO(data)
+    try:
+        return path.open("rb")
+    except FileNotFoundError as exc:
+        raise _bad(path, "cannot be read (no such file)") from exc
+    except OSError as exc:
+        raise _bad(path, f"cannot be read ({exc.strerror or exc})") from exc
 
 
 def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:

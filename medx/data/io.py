@@ -16,6 +16,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import cv2
@@ -149,18 +150,27 @@ def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
     return cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8U)
 
 
-def _decode(path: Path, keep_depth: bool = False) -> np.ndarray:
-    """Read and decode one file to a uint8 array: HxW (gray) or HxWxC (BGR, BGRA, ...)."""
-    from medx.data.dicom import is_dicom_file, read_dicom  # dicom.py imports this module
+def _decode(
+    path: Path, keep_depth: bool = False, max_pixels: int | None = None, data: bytes | None = None
+) -> np.ndarray:
+    """Read and decode one file to a uint8 array: HxW (gray) or HxWxC (BGR, BGRA, ...).
 
-    if is_dicom_file(path):
-        return read_dicom(path)  # uint8 HxW, by the DICOM pixel pipeline
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _bad(path, f"cannot be read ({exc.strerror or exc})") from exc
+    ``max_pixels``: refuse a file that declares more pixels, before decoding (None: no
+    limit); ``data``: the file's bytes when they are in memory (``path`` names it)."""
+    from medx.data.dicom import is_dicom_file, read_dicom  # dicom.py imports this module
+    from medx.data.limits import check_file
+
+    if is_dicom_file(path, data):
+        return read_dicom(path, max_pixels, data)  # uint8 HxW, by the DICOM pixel pipeline
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _bad(path, f"cannot be read ({exc.strerror or exc})") from exc
     if not data:
         raise _bad(path, "is empty (0 bytes)")
+    if max_pixels is not None:
+        check_file(BytesIO(data), path, max_pixels)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS)
     except cv2.error as exc:
@@ -183,10 +193,12 @@ def _channels(img: np.ndarray, path: Path) -> int:
     raise _bad(path, f"has pixel array shape {img.shape}; expected 1 to 4 channels")
 
 
-def _read(path: Path, keep_depth: bool = False) -> tuple[np.ndarray, int]:
+def _read(
+    path: Path, keep_depth: bool = False, max_pixels: int | None = None, data: bytes | None = None
+) -> tuple[np.ndarray, int]:
     """(decoded pixels, channels) of an image at least MIN_SIDE px on each side: uint8, or
     with `keep_depth` the decoder's own type (16-bit, float) for intensity standardisation."""
-    img = _decode(path, keep_depth)
+    img = _decode(path, keep_depth, max_pixels, data)
     channels = _channels(img, path)
     height, width = img.shape[:2]
     if min(height, width) < MIN_SIDE:
@@ -208,18 +220,38 @@ def _to_rgb(img: np.ndarray, channels: int) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
 
 
-def read_image(path: str | Path, intensity: str = "none") -> np.ndarray:
+def read_image(
+    path: str | Path, intensity: str = "none", max_pixels: int | None = None
+) -> np.ndarray:
     """Decode to uint8 RGB HxWx3. 8- or 16-bit; gray, gray+alpha, RGB/BGR or RGBA.
 
     Gray is repeated into three channels (backbones are pretrained on RGB); alpha is dropped,
     not blended, because it carries no anatomy. Raises BadImageError naming the file, also
-    for an image under MIN_SIDE px on a side. `intensity` (`medx.data.intensity`): a per-image
-    standardisation applied to the pixels at their full depth, before the 8-bit conversion.
+    for an image under MIN_SIDE px on a side.
+
+    Args:
+        path: the image file (any format of IMAGE_SUFFIXES, or DICOM).
+        intensity: a per-image standardisation (`medx.data.intensity`) applied to the pixels
+            at their full depth, before the 8-bit conversion.
+        max_pixels: refuse the file (medx.data.limits.TooManyPixels) when any size it
+            declares (image header, DICOM header, DICOM codestream) exceeds this many
+            pixels, before any decoder allocates; None, as for training data: no limit.
     """
-    path = Path(path)
+    return _image(Path(path), intensity, max_pixels, None)
+
+
+def read_image_bytes(
+    data: bytes, name: str | Path, intensity: str = "none", max_pixels: int | None = None
+) -> np.ndarray:
+    """read_image for a file already in memory (an upload): ``name`` is how errors name it,
+    and its suffix says whether it is DICOM as for a file (else the DICM marker does)."""
+    return _image(Path(name), intensity, max_pixels, bytes(data))
+
+
+def _image(path: Path, intensity: str, max_pixels: int | None, data: bytes | None) -> np.ndarray:
     if intensity in (None, "none"):
-        return _to_rgb(*_read(path))
-    img, channels = _read(path, keep_depth=True)
+        return _to_rgb(*_read(path, False, max_pixels, data))
+    img, channels = _read(path, True, max_pixels, data)
     if img.dtype.kind == "f" and not np.isfinite(img).all():
         raise _bad(path, "contains NaN or infinite pixel values")
     gray = standardise(img[..., 0] if channels == 2 else img, intensity)

@@ -30,7 +30,15 @@ from pydicom.sequence import Sequence
 
 from medx.data.dicom import is_dicom_file, read_dicom
 from medx.data.folders import ImageFolderDataModule
-from medx.data.io import BadImageError, list_images, read_gray, read_image, verify_images
+from medx.data.io import (
+    BadImageError,
+    list_images,
+    read_gray,
+    read_image,
+    read_image_bytes,
+    verify_images,
+)
+from medx.data.limits import TooManyPixels
 from medx.data.splits import patient_ids
 
 
@@ -107,6 +115,35 @@ def test_signed_pixels_with_a_window_read_back(gray: np.ndarray, tmp_path: Path)
     np.testing.assert_array_equal(read_dicom(save(ds, tmp_path / "signed.dcm")), gray)
 
 
+def test_signed_pixels_without_a_window_span_black_to_white(
+    gray: np.ndarray, tmp_path: Path
+) -> None:
+    signed = (8 * gray.astype(np.int16) - 1024).astype(np.int16)  # -1024..1000, 16 bits stored
+    ds = dicom_dataset(signed, bits_stored=16)
+    assert ds.PixelRepresentation == 1 and "WindowCenter" not in ds
+
+    img = read_dicom(save(ds, tmp_path / "signed.dcm"))
+
+    # The values use 11 bits, -1024..1023: that range is black..white (module doc, step 3).
+    expected = np.rint((signed.astype(np.float64) + 1024) / 2047 * 255)
+    np.testing.assert_array_equal(img, expected)
+    assert img.std() > 0.9 * gray.std()  # the 16-bit range would leave 8 grey levels
+
+
+def test_twelve_bit_values_declared_as_sixteen_bits_read_as_twelve_bits(
+    gray: np.ndarray, tmp_path: Path
+) -> None:
+    ds = dicom_dataset(twelve_bit(gray), bits_stored=16)  # as many writers store 12-bit data
+
+    np.testing.assert_array_equal(read_dicom(save(ds, tmp_path / "b16.dcm")), gray)
+
+
+@pytest.mark.parametrize("value", [0, 1000])
+def test_a_blank_dicom_is_refused_not_classified(tmp_path: Path, value: int) -> None:
+    ds = dicom_dataset(np.full((64, 64), value, np.uint16), bits_stored=12)
+    _raises(save(ds, tmp_path / "blank.dcm"), "is blank: every pixel shows grey level")
+
+
 def test_jpeg_baseline_decodes_like_opencv_decodes_the_same_jpeg(
     gray: np.ndarray, tmp_path: Path
 ) -> None:
@@ -122,6 +159,19 @@ def test_jpeg_baseline_decodes_like_opencv_decodes_the_same_jpeg(
 
     opencv = cv2.imdecode(jpeg, cv2.IMREAD_GRAYSCALE)
     assert np.abs(img.astype(int) - opencv).max() <= 1  # two IDCTs may round differently
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_variant_reads_the_same_from_bytes_and_under_a_pixel_limit(
+    variants: dict[str, Path], name: str
+) -> None:
+    data = variants[name].read_bytes()
+    expected = read_image(variants[name])
+
+    np.testing.assert_array_equal(read_image_bytes(data, variants[name].name), expected)
+    np.testing.assert_array_equal(read_image(variants[name], max_pixels=224 * 224), expected)
+    with pytest.raises(TooManyPixels, match=f"Image upload/{variants[name].name} declares 224x224"):
+        read_image_bytes(data, f"upload/{variants[name].name}", max_pixels=224 * 224 - 1)
 
 
 def test_dicom_files_are_listed_with_or_without_extension(
