@@ -37,17 +37,26 @@ def overflow(fig: Figure) -> tuple[float, float, float, float]:
 
 def fit_text(fig: Figure) -> Figure:
     """Lay the figure out (tight_layout); if text still reaches past the canvas (a title wider
-    than its panel), grow the canvas by that much and lay it out again."""
+    than its panel), widen or heighten the canvas by that much, the panels keeping their size
+    and place relative to the text."""
     fig.tight_layout()
-    for _ in range(3):  # growing moves the panels: check again
-        left, bottom, right, top = overflow(fig)
-        if max(left, bottom, right, top) == 0:
-            break
-        width, height = fig.get_size_inches()
-        grow_x = left + right + (2 * MARGIN if left + right else 0)
-        grow_y = bottom + top + (2 * MARGIN if bottom + top else 0)
-        fig.set_size_inches(width + grow_x, height + grow_y)
-        fig.tight_layout()
+    left, bottom, right, top = overflow(fig)
+    if max(left, bottom, right, top) == 0:
+        return fig
+    pad_x = MARGIN if left or right else 0.0
+    pad_y = MARGIN if bottom or top else 0.0
+    width, height = fig.get_size_inches()
+    grown_w = width + left + right + 2 * pad_x
+    grown_h = height + bottom + top + 2 * pad_y
+    p = fig.subplotpars
+    shift_x, shift_y = left + pad_x, bottom + pad_y
+    fig.set_size_inches(grown_w, grown_h)
+    fig.subplots_adjust(  # the same panels in inches, moved off the edges
+        left=(p.left * width + shift_x) / grown_w,
+        right=(p.right * width + shift_x) / grown_w,
+        bottom=(p.bottom * height + shift_y) / grown_h,
+        top=(p.top * height + shift_y) / grown_h,
+    )
     return fig
 
 
@@ -177,4 +186,27 @@ def training_curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -
     ax_metric.set(xlabel="epoch", title="Validation metrics")
     for ax in (ax_loss, ax_metric):
         ax.legend(fontsize=8)
+    return fig
+
+
+def ranking_figure(
+    labels: Sequence[str],
+    values: Sequence[float],
+    metric: str,
+    low: Sequence[float] | None = None,
+    high: Sequence[float] | None = None,
+) -> Figure:
+    """Horizontal bars of `metric`, one per run, best on top; the 95% CI as error bars when
+    given (medx.compare)."""
+    values = np.asarray(values, dtype=float)
+    fig = Figure(figsize=(7, 0.4 * len(values) + 1.5))
+    ax = fig.subplots()
+    err = None
+    if low is not None and high is not None:
+        below = np.clip(np.nan_to_num(values - np.asarray(low, dtype=float)), 0, None)
+        above = np.clip(np.nan_to_num(np.asarray(high, dtype=float) - values), 0, None)
+        err = [below, above]
+    ax.barh(list(labels), values, xerr=err, color="tab:blue", capsize=3)
+    ax.invert_yaxis()  # best on top
+    ax.set_xlabel(metric)
     return fig

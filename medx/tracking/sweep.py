@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,16 @@ def children(client: MlflowClient, parent: Run) -> list[Run]:
 
 
 def selection(runs: list[Run]) -> tuple[str, str]:
-    """(monitor, mode) the jobs selected their checkpoints by (tags of medx's RunReport, else
-    the logged config; val/auroc, max when neither says)."""
+    """(monitor, mode) most of the runs selected their checkpoints by: the tags of medx's
+    RunReport, else the logged config (runs from before), else val/auroc, max."""
+    found = Counter()
     for run in runs:
         tags, params = run.data.tags, run.data.params
         monitor = tags.get(views.SELECTION_TAG) or params.get("monitor")
+        mode = tags.get(views.SELECTION_MODE_TAG) or params.get("monitor_mode")
         if monitor and monitor != "None":
-            mode = tags.get(views.SELECTION_MODE_TAG) or params.get("monitor_mode") or "max"
-            return monitor, "max" if mode == "None" else mode
-    return "val/auroc", "max"
+            found[monitor, mode if mode in ("max", "min") else "max"] += 1
+    return found.most_common(1)[0][0] if found else ("val/auroc", "max")
 
 
 def ranking_metric(runs: list[Run], monitor: str) -> str:
