@@ -43,14 +43,15 @@ class RunReport(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is None or checkpoint.best_model_score is None or not checkpoint.monitor:
-            return  # no checkpoint callback, fast_dev_run, or nothing monitored
+        loggers = runs.mlflow_loggers(trainer.loggers)  # none on other DDP ranks
+        if not loggers or checkpoint is None or checkpoint.best_model_score is None:
+            return  # no MLflow, no checkpoint callback, fast_dev_run or nothing monitored
         monitor, score = checkpoint.monitor, float(checkpoint.best_model_score)
         epoch = selected_epoch(checkpoint.best_model_path)
         metrics = {views.selected_metric(monitor): score}
         if epoch is not None:
             metrics[views.selected_epoch_metric(monitor)] = float(epoch)
-        for logger in runs.mlflow_loggers(trainer.loggers):
+        for logger in loggers:
             # at the selected epoch: a point on the epoch charts where the checkpoint was taken
             logger.log_metrics(metrics, step=epoch if epoch is not None else None)
             update_experiment_view(logger, monitor, checkpoint.mode)
