@@ -147,7 +147,8 @@ def wait_for_first_columns(page, expected: list[str]) -> None:
     page.wait_for_function(
         """expected => {
             const ids = [...document.querySelectorAll('.ag-header-cell[col-id]')]
-                .map(c => c.getAttribute('col-id'))
+                .sort((a, b) => a.getBoundingClientRect().x - b.getBoundingClientRect().x)
+                .map(c => c.getAttribute('col-id'))  // left to right as shown, not DOM order
                 .filter(id => id.startsWith('metrics.') || id.startsWith('params.'));
             return expected.every((id, i) => ids[i] === id);
         }""",
