@@ -45,7 +45,7 @@ def test_quality_sweep_gives_comparable_baseline_and_cnn_runs(tmp_path: Path, ph
     (parent,) = [r for r in everything if r.data.tags.get("medx.sweep") == "parent"]
     runs = [r for r in everything if r is not parent]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
-    assert {r.info.run_name for r in runs} == {"logreg-quality-full", "resnet18-quality-full"}
+    assert {r.info.run_name for r in runs} == {"model=quality_logreg", "model=resnet18"}
     assert {r.info.status for r in runs} == {"FINISHED"}
     names = [{k for k in r.data.metrics if k.startswith(("val/", "test/"))} for r in runs]
     # the same metric names side by side (a ratio like NPV is left out where it is 0/0)

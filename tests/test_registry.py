@@ -261,7 +261,8 @@ def test_models_uris_that_name_nothing_say_what_exists(
 def test_make_ui_prints_the_link_to_the_runs_table(registered: Registered, tmp_path: Path):
     experiment = MlflowClient(registered.store).get_experiment_by_name("medx").experiment_id
     line = ui.main(["--backend-store-uri", registered.store, "--port", "5123"])
-    assert line.endswith(f"http://127.0.0.1:5123/#/experiments/{experiment}/runs")
+    runs = f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    assert runs in line and line.endswith("viewStateShareKey=medx")
     missing = f"sqlite:///{tmp_path}/none.db"
     assert "no runs yet" in ui.main(["--backend-store-uri", missing])
     assert not (tmp_path / "none.db").exists()  # printing a link creates no database

@@ -18,6 +18,7 @@ from medx import compare
 from medx.errors import MedxError
 from medx.tracking import store
 from medx.tracking.sweep import PARENT_TAG, SWEEP_TAG
+from medx.tracking.views import SELECTION_MODE_TAG, SELECTION_TAG
 from medx.train import train
 
 
@@ -44,19 +45,25 @@ def read_only(path: Path) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def store_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A real sqlite store with experiment `medx`: two runs with test/auroc, and a sweep parent
-    with one job (made once: creating MLflow's tables takes seconds)."""
+    """A real sqlite store with experiment `medx`: two runs with the selected checkpoint's
+    val/auroc and a test/auroc that ranks them the other way, and a sweep parent with one job
+    (made once: creating MLflow's tables takes seconds)."""
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     client = MlflowClient(f"sqlite:///{path}")
     experiment = store.ensure_experiment(client, "medx")
     ids = {}
-    for name, auroc in (("a", 0.7), ("b", 0.9)):
-        run = client.create_run(experiment, run_name=name)
-        client.log_metric(run.info.run_id, "test/auroc", auroc)
+    selected = {SELECTION_TAG: "val/auroc", SELECTION_MODE_TAG: "max"}
+    for name, val, test in (("a", 0.9, 0.7), ("b", 0.7, 0.9)):
+        run = client.create_run(experiment, run_name=name, tags=selected)
+        client.log_metric(run.info.run_id, "val/auroc_best", val)
+        client.log_metric(run.info.run_id, "test/auroc", test)
         client.set_terminated(run.info.run_id)
         ids[name] = run.info.run_id
     parent = client.create_run(experiment, run_name="sweep-x", tags={SWEEP_TAG: "parent"})
-    job = client.create_run(experiment, run_name="job", tags={PARENT_TAG: parent.info.run_id})
+    job = client.create_run(
+        experiment, run_name="job", tags={PARENT_TAG: parent.info.run_id, **selected}
+    )
+    client.log_metric(job.info.run_id, "val/auroc_best", 0.8)
     client.log_metric(job.info.run_id, "test/auroc", 0.8)
     ids.update(parent=parent.info.run_id, job=job.info.run_id)
     return path, ids
@@ -158,9 +165,16 @@ def test_the_default_store_is_the_one_the_logger_config_names(
 # --- medx.compare -----------------------------------------------------------------------------
 
 
-def test_compare_ranks_the_runs_of_a_real_store(logged, capsys: pytest.CaptureFixture):
+def test_compare_ranks_by_the_selected_checkpoint_never_by_a_test_metric(
+    logged, capsys: pytest.CaptureFixture
+):
     uri, _, _ = logged
     compare.main(["--tracking-uri", uri])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "val/auroc_best" in lines[0]
+    assert [line.split()[:2] for line in lines[1:]] == [["1", "a"], ["2", "job"], ["3", "b"]]
+
+    compare.main(["--tracking-uri", uri, "--metric", "test/auroc"])  # only when asked
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[:2] for line in lines[1:]] == [["1", "b"], ["2", "job"], ["3", "a"]]
 

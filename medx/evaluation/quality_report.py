@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt
 import numpy as np
 from lightning.pytorch.callbacks import Callback
+from matplotlib.figure import Figure
 
+from medx.evaluation.plots import save_figure
 from medx.models.quality import QualityBaseline
 from medx.quality.features import LOG_FEATURES
 from medx.tracking import runs
@@ -67,37 +65,38 @@ def write_reports(
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels).astype(int)
     return [
-        _coefficient_plot(out_dir / "coefficients.png", coefficients, feature_names),
-        _distribution_plot(
-            out_dir / "feature_distributions.png", features, labels, feature_names, class_names
+        save_figure(coefficient_figure(coefficients, feature_names), out_dir / "coefficients.png"),
+        save_figure(
+            distribution_figure(features, labels, feature_names, class_names),
+            out_dir / "feature_distributions.png",
+            dpi=90,
         ),
     ]
 
 
-def _coefficient_plot(path: Path, coefficients: np.ndarray, names: Sequence[str]) -> Path:
+def coefficient_figure(coefficients: np.ndarray, names: Sequence[str]) -> Figure:
     """Log-odds of "bad" per standard deviation of each feature: which features matter."""
     coef = np.asarray(coefficients, dtype=float).reshape(-1)
     order = np.argsort(np.abs(coef))
-    fig, ax = plt.subplots(figsize=(6, 0.35 * len(coef) + 1))
+    fig = Figure(figsize=(6, 0.35 * len(coef) + 1))
+    ax = fig.subplots()
     ax.barh([names[i] for i in order], coef[order], color=np.where(coef[order] > 0, "C3", "C0"))
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel('coefficient (log-odds of "bad" per SD)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _distribution_plot(
-    path: Path,
+def distribution_figure(
     features: np.ndarray,
     labels: np.ndarray,
     names: Sequence[str],
     class_names: Sequence[str],
-) -> Path:
+) -> Figure:
+    """Per-class histograms of every feature on the test split."""
     cols = 4
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.ravel()):
         if k >= len(names):
             ax.axis("off")
@@ -110,7 +109,4 @@ def _distribution_plot(
             ax.hist(values[labels == c], bins=bins, alpha=0.55, density=True, label=cls)
         ax.set_title(("log10 " if names[k] in LOG_FEATURES else "") + names[k], fontsize=9)
     axes.ravel()[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return fig

@@ -30,6 +30,7 @@ from starlette.middleware import Middleware
 
 import medx
 from medx.errors import MedxError
+from medx.serve.docs import install_docs
 from medx.serve.limits import Guard, Refused, error_body, error_response
 from medx.serve.settings import Settings
 from medx.serve.uploads import (
@@ -131,7 +132,10 @@ def create_app(settings: Settings) -> FastAPI:
         "/segment) a JPEG, PNG or DICOM image.",
         lifespan=lifespan,
         middleware=middleware,
+        docs_url=None,  # served by install_docs from the package's files, not a CDN
+        redoc_url=None,
     )
+    install_docs(app)
     _add_error_handlers(app)
 
     async def _decode(upload: Upload, intensity: str) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from medx.errors import MedxError
+from medx.serve.docs import ASSET_PATHS
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,7 +33,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Paths anyone may call: probes, and the API's description (no data, no model card).
-OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PATHS = frozenset(
+    {"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json", *ASSET_PATHS}
+)
 SNIFF_BYTES = 132  # DICOM's "DICM" marker sits at bytes 128..131
 ACCEPTED = "JPEG, PNG or DICOM (Part 10: with the DICM marker at byte 128)"
 

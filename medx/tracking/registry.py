@@ -50,6 +50,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from medx.errors import CheckpointError, ConfigError, MedxError
+from medx.tracking.runs import EpochMLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ _NAME = re.compile(r"^[^/:@]+$")  # MLflow refuses / and :, and @ would read as 
 # --- registering ----------------------------------------------------------------------------
 
 
-class RegisteringMLFlowLogger(MLFlowLogger):
+class RegisteringMLFlowLogger(EpochMLFlowLogger):
     """Lightning's MLFlowLogger with `register_as`: the Model Registry name under which
     medx.train registers the selected model (None: not registered). A logger setting, because
     the registry is the run's tracking server; checked here, so a bad name fails before fit."""

@@ -21,6 +21,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from medx.tracking import store
@@ -58,6 +59,22 @@ def git_commit(path: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+class EpochMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger with metrics stepped by epoch, not by optimizer step.
+
+    medx's modules log once per epoch (train/loss, val/auroc, ...), and the MLflow UI charts a
+    metric against its step: epochs are what a user reads them by. Lightning adds the current
+    `epoch` to every dict it logs; that becomes the step. A dict without it (the clinical
+    evaluation's test metrics) keeps the step it is given.
+    """
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        metrics = dict(metrics)
+        epoch = metrics.pop("epoch", None)
+        super().log_metrics(metrics, step=int(epoch) if epoch is not None else step)
+
+
 def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
     """The MLflow loggers, on global rank 0 only: one MLflow run per job, not one per rank.
 
@@ -76,15 +93,21 @@ def start_run(
     """Create the MLflow run now (not lazily), so even a crash during data setup is recorded.
 
     A new experiment of a sqlite store keeps its artifacts beside the database
-    (medx.tracking.store), not in `./mlruns` of the working directory, MLflow's default.
+    (medx.tracking.store), not in `./mlruns` of the working directory, MLflow's default. A job
+    of a sweep is named by the values it sweeps (`$MEDX_RUN_NAME`, set by
+    medx.tracking.sweep.ParentRun), as its siblings share the configured name.
     """
     store.ensure_experiment(MlflowClient(logger._tracking_uri), logger._experiment_name)
+    if logger._run_id is None and (name := os.environ.get(RUN_NAME_ENV)):
+        logger._run_name = name  # before `logger.experiment` creates the run
     client, run_id = logger.experiment, logger.run_id
     tag_training_experiment(client, logger.experiment_id)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own section
-    _log_new_params(logger, flatten(OmegaConf.to_container(job, resolve=True)))
+    params, where = split_params(flatten(OmegaConf.to_container(job, resolve=True)))
+    _log_new_params(logger, params)
     commit = git_commit()
     tags = {
+        **where,
         "medx.output_dir": str(output_dir),
         "mlflow.source.name": "medx.train",
         "medx.overrides": " ".join(overrides),
@@ -93,8 +116,7 @@ def start_run(
         tags["mlflow.source.git.commit"] = commit
     if parent := os.environ.get("MEDX_PARENT_RUN_ID"):  # set by medx.tracking.sweep.ParentRun
         tags["mlflow.parentRunId"] = parent
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     output_dir.mkdir(parents=True, exist_ok=True)
     config_file = output_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(job, resolve=True))
@@ -103,6 +125,33 @@ def start_run(
     for path in (config_file, overrides_file):
         client.log_artifact(run_id, str(path))
     log.info("MLflow run %s in %s (%s)", run_id, logger._tracking_uri, logger.name)
+
+
+RUN_NAME_ENV = "MEDX_RUN_NAME"
+# Where a run ran rather than what it ran: tags, so that comparing runs ("show diff only",
+# parallel coordinates) shows what differs in the experiments, not in their folders.
+WHERE_KEYS = frozenset(
+    {"logger.run_name", "logger.tracking_uri", "logger.experiment_name", "ckpt_path"}
+)
+
+
+def is_where(key: str) -> bool:
+    """Run names, stores and file locations (paths.*, *_dir, *dirpath, data.root, the data
+    file or source folder of `dataset.*`)."""
+    last = key.rsplit(".", 1)[-1]
+    return (
+        key in WHERE_KEYS
+        or key.startswith("paths.")
+        or last.endswith(("_dir", "dirpath"))
+        or last in ("root", "source_root")
+        or key in ("dataset.file", "dataset.source")
+    )
+
+
+def split_params(flat: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(params, tags) of a flattened config: what a run is, and where it ran (`is_where`)."""
+    params = {k: v for k, v in flat.items() if not is_where(k)}
+    return params, {k: v for k, v in flat.items() if is_where(k)}
 
 
 def log_artifacts(
@@ -115,8 +164,14 @@ def log_artifacts(
 
 
 def log_params(loggers: list[Logger], params: Mapping[str, Any]) -> None:
+    """Log params (nested dicts flattened); file locations among them as tags."""
+    params, where = split_params(flatten(params))
     for logger in mlflow_loggers(loggers):
-        _log_new_params(logger, flatten(params))
+        _log_new_params(logger, params)
+        if where:
+            logger.experiment.log_batch(
+                logger.run_id, tags=[RunTag(k, v) for k, v in where.items()]
+            )
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"

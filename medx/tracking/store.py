@@ -5,6 +5,9 @@ MLflow retries an unusable store for minutes (110 s of backoff for a sqlite path
 folder, then "unable to open database file" without the path) and creates a database wherever
 a sqlite URI points, even when the user only meant to read one. `check` names the URI and what
 is wrong with it in one line, in seconds, before any run is opened.
+
+MLflow and SQLAlchemy are imported where they are used: `python -m medx.ui` asks this module
+for the default store and must answer in well under 2 s (importing MLflow alone takes ~2 s).
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ import struct
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from typing import TYPE_CHECKING
 
 from medx.config import compose
 from medx.errors import MedxError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 ARTIFACTS = "mlartifacts"  # beside the database, as `mlflow server` names its artifact folder
 FIX = (
@@ -43,6 +45,8 @@ def sqlite_path(uri: str) -> Path | None:
     is), or None for other stores and in-memory sqlite."""
     if not uri.startswith("sqlite:"):
         return None
+    from sqlalchemy.engine import make_url
+
     database = make_url(uri).database
     return Path(database) if database and database != ":memory:" else None
 
@@ -57,6 +61,8 @@ def check(uri: str, write: bool = True) -> None:
 
 def _check_server(uri: str) -> None:
     """One probe without MLflow's retries (with backoff, for minutes by default)."""
+    from mlflow import MlflowClient
+
     saved = {k: os.environ.get(k) for k in _PROBE_ENV}
     os.environ.update(_PROBE_ENV)
     try:
@@ -136,6 +142,9 @@ def _not_a_store(path: Path, write: bool) -> str | None:
 def reading(uri: str) -> Iterator[None]:
     """MLflow and SQL errors while reading the store, as one line naming it (not 500 lines
     of SQLAlchemy traceback): damage that the header checks of `check` could not see."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         yield
     except (MlflowException, SQLAlchemyError) as err:
@@ -161,6 +170,8 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, created with `artifact_location` when it is new."""
+    from mlflow.exceptions import MlflowException
+
     if (found := client.get_experiment_by_name(name)) is not None:
         return found.experiment_id
     location = artifact_location(client.tracking_uri, name)

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
 from medx.errors import ConfigError
-from medx.tracking import runs, store
+from medx.tracking import runs, store, views
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "MEDX_PARENT_RUN_ID"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (Markdown)
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "medx.sweep"  # "parent" on the sweep's own run; compare.py leaves those out
 OPTUNA_RESULTS = "optimization_results.yaml"  # the Optuna sweeper's best trial, in the sweep dir
@@ -52,16 +54,47 @@ def children(client: MlflowClient, parent: Run) -> list[Run]:
     )
 
 
-def leaderboard(runs: list[Run], metric: str, mode: str = "max") -> pd.DataFrame:
-    """Runs ranked by `metric` (best first; runs without it last), one row each."""
+def selection(runs: list[Run]) -> tuple[str, str]:
+    """(monitor, mode) most of the runs selected their checkpoints by: the tags of medx's
+    RunReport, else the logged config (runs from before), else val/auroc, max."""
+    found = Counter()
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        monitor = tags.get(views.SELECTION_TAG) or params.get("monitor")
+        mode = tags.get(views.SELECTION_MODE_TAG) or params.get("monitor_mode")
+        if monitor and monitor != "None":
+            found[monitor, mode if mode in ("max", "min") else "max"] += 1
+    return found.most_common(1)[0][0] if found else ("val/auroc", "max")
+
+
+def ranking_metric(runs: list[Run], monitor: str) -> str:
+    """The selected checkpoint's `monitor` (`val/auroc_best`) when the runs logged it; the
+    last logged `monitor` only for runs from before medx logged that."""
+    best = views.selected_metric(monitor)
+    return best if any(best in r.data.metrics for r in runs) else monitor
+
+
+def varying_params(runs: list[Run]) -> list[str]:
+    """The params whose values differ between the runs (what a sweep swept), in logged order;
+    data-set counts left out (they follow data.fold)."""
+    keys = dict.fromkeys(k for r in runs for k in r.data.params if not k.startswith("dataset."))
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def leaderboard(
+    runs: list[Run], metric: str, mode: str = "max", params: list[str] | None = None
+) -> pd.DataFrame:
+    """Runs ranked by `metric` (best first; runs without it last), one row each: name, id,
+    status, `params` (the swept ones), overrides, then every metric."""
     rows = []
     for run in runs:
         row: dict[str, Any] = {
             "run_name": run.info.run_name,
             "run_id": run.info.run_id,
             "status": run.info.status,
-            "overrides": run.data.tags.get("medx.overrides", ""),
         }
+        row.update({p: run.data.params.get(p) for p in params or []})
+        row["overrides"] = run.data.tags.get("medx.overrides", "")
         row.update(run.data.metrics)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -69,6 +102,61 @@ def leaderboard(runs: list[Run], metric: str, mode: str = "max") -> pd.DataFrame
         table = table.sort_values(metric, ascending=mode == "min", na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
+
+
+def job_name(overrides: list[str], swept: list[str]) -> str | None:
+    """A sweep job's run name: its swept values, `model=resnet18 lr=0.003` (a key by its last
+    part unless two swept keys share it)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    values = {o.get_key_element().lstrip("+~"): o.get_value_element_as_str() for o in parsed}
+    shown = [k for k in swept if k in values]
+    lasts = [k.rsplit(".", 1)[-1] for k in shown]
+    parts = [
+        f"{last if lasts.count(last) == 1 else key}={values[key]}"
+        for key, last in zip(shown, lasts, strict=True)
+    ]
+    return " ".join(parts) or None
+
+
+def description(table: pd.DataFrame, metric: str, monitor: str, params: list[str]) -> str:
+    """The parent run's description (Markdown): the best job and the leaderboard."""
+    epoch_key = views.selected_epoch_metric(monitor)
+    test = "test/" + monitor.split("/", 1)[1] if monitor.startswith("val/") else None
+    columns = [c for c in (metric, epoch_key, *params, test) if c and c in table]
+    best = table.iloc[0]
+    lines = []
+    if metric in table and pd.notna(best[metric]):
+        at = f" at epoch {int(best[epoch_key])}" if pd.notna(best.get(epoch_key)) else ""
+        lines += [
+            f"**Best: {best['run_name']}**: {monitor} {best[metric]:.4f}{at} "
+            f"(run `{best['run_id']}`).",
+            "",
+        ]
+    lines += [
+        f"Ranked by `{metric}`: the {monitor} of each job's selected checkpoint (the one it "
+        "tested and kept), not of its last epoch; never by a test metric. All metrics: "
+        "leaderboard.csv.",
+        "",
+        "| rank | run | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for _, row in table.head(MAX_DESCRIBED).iterrows():
+        cells = [_cell(row.get(c)) for c in columns]
+        lines.append(f"| {row['rank']} | {row['run_name']} | " + " | ".join(cells) + " |")
+    if len(table) > MAX_DESCRIBED:
+        lines.append(f"\n{len(table) - MAX_DESCRIBED} more in leaderboard.csv.")
+    return "\n".join(lines)
+
+
+MAX_DESCRIBED = 40  # rows of the description's table (MLflow keeps tag values < 8000 chars)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if not value.is_integer() else str(int(value))
+    return str(value).replace("|", "\\|")
 
 
 def fold_statistics(runs: list[Run]) -> dict[str, float]:
@@ -134,10 +222,15 @@ class ParentRun(Callback):
         run = self.client.create_run(
             experiment_id,
             run_name=f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}",
-            tags={SWEEP_TAG: "parent", "medx.sweep_dir": str(sweep_dir)},
+            tags={
+                SWEEP_TAG: "parent",
+                "medx.sweep_dir": str(sweep_dir),
+                "mlflow.source.name": "medx.train -m",
+            },
         )
         self.run_id = run.info.run_id
-        self.swept = swept_keys(overrides)
+        searched = (config.hydra.get("sweeper") or {}).get("params") or {}  # Optuna's space
+        self.swept = list(dict.fromkeys([*swept_keys(overrides), *searched]))
         params = {}  # a key given twice: the last one wins, as in Hydra
         for override in overrides:
             key, _, value = override.partition("=")
@@ -154,27 +247,63 @@ class ParentRun(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is not None:  # submitit jobs unpickle the callback with its run id
             os.environ[PARENT_ENV] = self.run_id
+            name = job_name(list(config.hydra.overrides.task), self.swept)
+            if name:
+                os.environ[runs.RUN_NAME_ENV] = name
+            else:
+                os.environ.pop(runs.RUN_NAME_ENV, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.client is None or self.run_id is None:
             return
         parent = self.client.get_run(self.run_id)
-        runs = children(self.client, parent)
-        if runs:
-            params = runs[0].data.params
-            metric = params.get("monitor") or "val/auroc"
-            table = leaderboard(runs, metric, params.get("monitor_mode") or "max")
+        jobs = children(self.client, parent)
+        if jobs:
+            monitor, mode = selection(jobs)
+            metric = ranking_metric(jobs, monitor)
+            params = varying_params(jobs)
+            table = leaderboard(jobs, metric, mode, params)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "leaderboard.csv"
                 table.to_csv(path, index=False)
                 self.client.log_artifact(self.run_id, str(path))
-            if "data.fold" in self.swept:
-                for name, value in fold_statistics(runs).items():
-                    self.client.log_metric(self.run_id, name, value)
             results = self.sweep_dir / OPTUNA_RESULTS if self.sweep_dir else None
-            if results is not None and results.is_file():
-                log_optuna_results(self.client, self.run_id, results, metric)
+            optuna = results is not None and results.is_file()
+            self._summarise(parent, table, monitor, metric, [] if optuna else params)
+            self.client.set_tag(self.run_id, NOTE_TAG, description(table, metric, monitor, params))
+            if "data.fold" in self.swept:
+                for name, value in fold_statistics(jobs).items():
+                    self.client.log_metric(self.run_id, name, value)
+            if optuna:
+                log_optuna_results(self.client, self.run_id, results, monitor)
+            self._save_view(parent, monitor, mode, params)
         self._end("FINISHED")
+
+    def _summarise(
+        self, parent: Run, table: pd.DataFrame, monitor: str, metric: str, params: list[str]
+    ) -> None:
+        """The best job on the parent: tags naming it, its score, its swept params."""
+        best = table.iloc[0]
+        if metric not in table or pd.isna(best[metric]):
+            return  # no job got as far as validating
+        self.client.set_tag(self.run_id, "medx.best_run_id", best["run_id"])
+        self.client.set_tag(self.run_id, "medx.best_run_name", best["run_name"])
+        self.client.log_metric(self.run_id, views.selected_metric(monitor), float(best[metric]))
+        epoch_key = views.selected_epoch_metric(monitor)
+        if epoch_key in table and pd.notna(best[epoch_key]):
+            self.client.log_metric(self.run_id, epoch_key, float(best[epoch_key]))
+        for key in params:
+            if pd.notna(best.get(key)):
+                self.client.log_param(self.run_id, f"best.{key}", best[key])
+
+    def _save_view(self, parent: Run, monitor: str, mode: str, params: list[str]) -> None:
+        """The sweep's saved view in the experiment, and the one link that opens it."""
+        name, state = views.sweep_view(self.run_id, parent.info.run_name, monitor, mode, params)
+        views.save_view(self.client, parent.info.experiment_id, self.run_id, name, state)
+        base = views.ui_base(self.client.tracking_uri)
+        url = views.runs_url(base, parent.info.experiment_id, view=self.run_id)
+        served = "" if base != views.DEFAULT_UI else " (serve it with `make ui`)"
+        log.info("Compare this sweep's runs in the MLflow UI%s:\n  %s", served, url)
 
     def _end(self, status: str) -> None:
         if self.client is not None and self.run_id is not None:
@@ -182,3 +311,4 @@ class ParentRun(Callback):
             log.info("MLflow parent run %s %s", self.run_id, status)
         self.run_id = None
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(runs.RUN_NAME_ENV, None)
