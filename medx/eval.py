@@ -63,6 +63,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """
     from medx.tracking import registry
 
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "ckpt_path is missing: python -m medx.eval ckpt_path=PATH (a .ckpt, a list "
+            "[a.ckpt,b.ckpt] or a glob for an ensemble, or models:/NAME/VERSION)."
+        )
     overrides = run_overrides(cfg)
     ckpts = [registry.resolve_model_uri(c) for c in checkpoint_paths(cfg.ckpt_path)]
     for ckpt in ckpts:
