@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from medx.config import compose
 from medx.errors import ConfigError
@@ -30,17 +29,14 @@ def saved_run_config(tmp_path: Path) -> Path:
 
 def test_overrides_apply_to_the_run_config_as_hydra_reads_them(tmp_path: Path):
     config = saved_run_config(tmp_path)
-    cfg = load_config(
-        tmp_path / "any.ckpt",
-        [
-            "data=pneumonia",
-            "eval.bootstrap=50",
-            "+eval.note='site b'",
-            "~eval.tta",
-            "data.classes=[PNEUMONIA,NORMAL]",
-        ],  # fmt: skip
-        config,
-    )
+    overrides = [
+        "data=pneumonia",
+        "eval.bootstrap=50",
+        "+eval.note='site b'",
+        "~eval.tta",
+        "data.classes=[PNEUMONIA,NORMAL]",
+    ]
+    cfg = load_config(tmp_path / "any.ckpt", overrides, config)
     assert cfg.data.name == "pneumonia"  # the group swapped for its file, with the run's paths
     assert cfg.data.root == "/data/chest_xray"
     assert list(cfg.data.classes) == ["PNEUMONIA", "NORMAL"]  # a list value, as Hydra parses it
