@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,18 +28,30 @@ COMMANDS = sorted(
 )
 
 
+# What the wheel is built from: copied, so that no build/ of an earlier build (whose stale
+# modules would ship) is reused and nothing is written into the checkout.
+SOURCES = ("medx", "conf", "pyproject.toml", "setup.py", "README.md")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip wheel .` of this checkout, built once for the module."""
-    dist = tmp_path_factory.mktemp("dist")
+    """`pip wheel .` of this checkout's sources, built once for the module."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    (tmp / "src").mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(ROOT / name, tmp / "src" / name, ignore=ignore)
+        else:
+            shutil.copy(ROOT / name, tmp / "src" / name)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run(
-        [*build, "-w", str(dist), str(ROOT)],
+        [*build, "-w", str(tmp / "dist"), str(tmp / "src")],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    (found,) = dist.glob("medx-*.whl")
+    (found,) = (tmp / "dist").glob("medx-*.whl")
     return found
 
 
