@@ -2,7 +2,9 @@
 
 A `MedxError` (possibly wrapped by Hydra's instantiate or a DataLoader worker) is a problem
 with the user's input or environment: a traceback would hide the sentence that says what to
-do. Anything else is a bug in medx and keeps its traceback.
+do. So is a third-party module that is not installed (medx has no optional extras: every
+install has its dependencies, unless made with --no-deps). Anything else is a bug in medx and
+keeps its traceback.
 
 Also the console scripts (pyproject.toml `[project.scripts]`): `medx-<command> ARGS` is
 `python -m medx.<command> ARGS`, each a function here. It runs the module's `main()` and drops
@@ -30,13 +32,25 @@ log = logging.getLogger("medx")
 
 def user_error(err: BaseException | None) -> MedxError | None:
     """The MedxError behind `err` (Hydra wraps errors raised while instantiating)."""
+    return next((e for e in _causes(err) if isinstance(e, MedxError)), None)
+
+
+def missing_module(err: BaseException | None) -> str | None:
+    """The third-party module behind `err` that is not installed (medx installed without its
+    dependencies, or a plugin of one, e.g. boto3 for s3:// artifacts), else None."""
+    for cause in _causes(err):
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            top = cause.name.split(".")[0]
+            return None if top == "medx" else top  # a medx module missing is a bug
+    return None
+
+
+def _causes(err: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, MedxError):
-            return err
+        yield err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return None
 
 
 @contextmanager
@@ -51,6 +65,12 @@ def user_errors(prog: str = "medx") -> Iterator[None]:
             raise
         sys.exit(128 + int(signum))
     except Exception as err:
+        if (module := missing_module(err)) is not None:
+            sys.exit(
+                f"{prog}: the Python module '{module}' is not installed here: install medx with "
+                "its dependencies (pip install medx, or make install in a checkout), or the "
+                f"package that provides '{module}'."
+            )
         if (medx_err := user_error(err)) is None:
             raise
         log.error("%s", medx_err)

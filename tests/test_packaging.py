@@ -4,6 +4,7 @@ from any folder once installed (`pip install .`, not only this checkout)."""
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.metadata
 import os
 import shutil
@@ -19,6 +20,9 @@ from medx_cli import TINY
 from mlflow import MlflowClient
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from medx import cli
+from medx.cli import user_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 # A command is a module of medx/ with a main(), or a package run with `python -m`.
@@ -119,11 +123,9 @@ def test_every_command_has_a_console_script(wheel: Path):
         if "=" in line
     }
     assert set(scripts) == {f"medx-{c}" for c in COMMANDS}
-    import medx.cli
-
     for script, target in scripts.items():
         module, function = target.split(":")
-        assert module == "medx.cli" and callable(getattr(medx.cli, function)), script
+        assert module == "medx.cli" and callable(getattr(cli, function)), script
 
 
 def test_the_wheel_composes_its_own_configs(wheel: Path, tmp_path: Path):
@@ -146,6 +148,20 @@ def test_the_wheel_composes_its_own_configs(wheel: Path, tmp_path: Path):
     where, backbone, task = out.stdout.split()
     assert Path(where) == site / "medx" / "conf"
     assert (backbone, task) == ("vgg16", "eval")
+
+
+def test_a_module_that_is_not_installed_is_one_line_unless_it_is_medx_s_own():
+    """As after `pip install --no-deps`: the command says which module, in one line; a medx
+    module that is missing is a bug and keeps its traceback."""
+    with pytest.raises(SystemExit) as stop, user_errors("medx.eval"):
+        importlib.import_module("boto3_not_installed.s3")
+    assert stop.value.code == (
+        "medx.eval: the Python module 'boto3_not_installed' is not installed here: install "
+        "medx with its dependencies (pip install medx, or make install in a checkout), or the "
+        "package that provides 'boto3_not_installed'."
+    )
+    with pytest.raises(ModuleNotFoundError), user_errors("medx.eval"):
+        importlib.import_module("medx.no_such_module")
 
 
 def installed(wheel: Path, tmp_path: Path) -> Path:
