@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,24 @@ def test_a_checkpoint_from_before_the_model_card_needs_its_run_config_said_in_on
     evaluated = next(r for r in tracked_runs() if r.data.tags.get("mlflow.source.name"))
     assert evaluated.data.tags["mlflow.source.name"] == "medx.eval"
     assert evaluated.data.tags["medx.checkpoint"] == str(old)
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_help_is_hydra_s_own_page_and_shows_the_overrides(command: str, tmp_path: Path):
+    """`--help` answered by medx.cli.hydra_help (fast) is the page Hydra itself prints."""
+
+    def page(code: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    argv = ["--help", "model=vgg16", "eval.bootstrap=7"]
+    fast = page(f"import sys; from medx.cli import hydra_help; hydra_help({command!r}, {argv})")
+    hydra = page(f"import sys; sys.argv = ['x', *{argv}]; from medx.{command} import main; main()")
+    assert fast == hydra
+    assert "data: folder, lung_seg," in fast and "backbone: vgg16" in fast
+    assert "bootstrap: 7" in fast
+    if command == "eval":
+        assert fast.startswith("medx.eval: test a checkpoint") and "ckpt_path: null" in fast
