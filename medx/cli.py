@@ -90,11 +90,15 @@ def hydra_help(config_name: str, argv: Sequence[str] | None = None) -> bool:
     flags = [a for a in args if a.startswith("-")]
     if not flags or not set(flags) <= HELP_FLAGS:
         return False
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
     from medx.config import compose, config_dir
 
-    cfg = compose([a for a in args if a not in HELP_FLAGS], config_name)
+    try:
+        cfg = compose([a for a in args if a not in HELP_FLAGS], config_name)
+    except HydraException as err:  # a bad override: said as Hydra says it without --help
+        sys.exit(str(err))
     template = cfg.hydra.help.template
     if "$FLAGS_HELP" in template or "$HYDRA_CONFIG_GROUPS" in template:
         return False
