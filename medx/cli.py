@@ -59,6 +59,8 @@ def user_errors(prog: str = "medx") -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, SystemExit) as err:
+        if isinstance(err, SystemExit) and "medx.tracking.runs" not in sys.modules:
+            raise  # argparse's --help, sys.exit: no run, so no signal handler of medx's, ran
         from medx.tracking.runs import stopped_by  # a signal: the shell's 128 + its number
 
         if (signum := stopped_by(err)) is None:
