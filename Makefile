@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
+DOCS_PORT ?= 8000
 
-.PHONY: install train test test-slow test-all lint docs docs-serve ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu clean
+.PHONY: install train test test-slow test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu bench-cli docs docs-serve clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
@@ -91,5 +92,16 @@ bench-overhead: install
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py $(ARGS)
 
+# --help of every command and one image through medx.predict, each from a cold process
+bench-cli: install
+	$(BIN)/python benchmarks/cli.py $(ARGS)
+
+# the documentation site (mkdocs.yml, docs/): built strictly (a broken link fails), or served
+docs: install
+	$(BIN)/mkdocs build --strict
+
+docs-serve: install
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
+
 clean:
-	rm -rf outputs multirun site .pytest_cache .ruff_cache
+	rm -rf outputs multirun site build .pytest_cache .ruff_cache

@@ -1,86 +1,146 @@
-"""`python -m medx.eval ckpt_path=PATH [group=choice] [key=value ...]`: evaluate a checkpoint.
+"""`python -m medx.eval ckpt_path=PATH [config=PATH] [group=choice] [key=value ...]`: evaluate
+a checkpoint (Hydra, conf/eval.yaml).
 
 The model comes from the checkpoint alone (`medx.models.load`). The data split, preprocessing
 and evaluation settings come from the training run's config: `config=PATH` when given, else the
 run's `config.yaml` next to `checkpoints/`, else the copy every checkpoint carries in its model
 card (so a checkpoint copied alone to another folder evaluates too), and the test metrics come
-out the same. `key=value` changes a key (`data.root=...`); `data=choice` swaps a whole group
-for its config file. The result is a new MLflow run (`eval-<run name>`, tagged with the source
-run) holding the clinical evaluation of `medx.evaluation`.
+out the same. The command's overrides are applied to that config: `key=value` changes a key
+(`data.root=...`); `data=choice` swaps a whole group for its config file. Hydra composes
+conf/eval.yaml (the train config plus `ckpt_path` and `config`) only to check the overrides and
+to show `--help`. The result is a new MLflow run (`eval-<run name>`, tagged with the source run)
+holding the clinical evaluation of `medx.evaluation`, written to `<run>/eval/<date>_<time>/`.
 
-`ckpt_path=[a.ckpt,b.ckpt]` (Hydra's list syntax) evaluates the ensemble of the checkpoints,
-their mean probability, on the first one's run config; the runs must share the data config.
+`ckpt_path=[a.ckpt,b.ckpt]` (Hydra's list syntax) or a glob (`'ckpt_path=runs/*/best.ckpt'`)
+evaluates the ensemble of the checkpoints, their mean probability, on the first one's run
+config; the runs must share the data config. `ckpt_path=models:/NAME/VERSION` (or `@ALIAS`)
+evaluates a registered model.
+
+Only Hydra and OmegaConf are imported at the top: `--help` answers without torch or MLflow.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
+import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import MLFlowLogger
-from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import schema
-from medx.cli import user_errors
+from medx.cli import hydra_help, user_errors
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
-from medx.evaluation.callback import ClinicalEvaluation
-from medx.evaluation.ensemble import Ensemble
-from medx.evaluation.quality_report import QualityReport
-from medx.evaluation.segmentation_report import SegmentationReport
-from medx.models.base import declared_inputs
-from medx.models.load import card_of, load, read_checkpoint
-from medx.tracking import registry, runs, store
-from medx.train import one_device
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
-USAGE = (
-    "usage: python -m medx.eval ckpt_path=PATH|[PATH,PATH,...] [config=PATH] [group=choice] "
-    "[key=value ...]"
-)
+# The keys of conf/eval.yaml that are medx.eval's own, not the evaluated run's.
+OWN_KEYS = ("ckpt_path", "config")
 # How a run was fed, not what it saw: ensemble members may differ here. `fold` changes val only
 # (the test split is set aside before the folds), so k-fold models can be ensembled.
 MAY_DIFFER = {"batch_size", "num_workers", "augment", "cache", "cache_dir", "fold"}
 
 
-def checkpoint_paths(value: str) -> list[Path]:
-    """`ckpt_path=a.ckpt`, or Hydra's list syntax `ckpt_path=[a.ckpt,b.ckpt]` for an ensemble."""
-    if not value.startswith("["):
-        return [Path(value)]
-    try:
-        paths = OverridesParser.create().parse_override(f"ckpt_path={value}").value()
-    except HydraException as err:  # the parser raises its base class too
+def run(cfg: DictConfig) -> dict[str, float]:
+    """`python -m medx.eval` as a function: the composed conf/eval.yaml in (from Hydra, or
+    `medx.config.compose([...], "eval")`), the test metrics out.
+
+    Every checkpoint is resolved (`models:/` URIs downloaded) and read, so a bad file is
+    refused, before any MLflow run opens.
+    """
+    from medx.tracking import registry
+
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ConfigError(
-            f"ckpt_path={value} is no list of paths: write ckpt_path=[a.ckpt,b.ckpt] and quote "
-            "a path with spaces or commas ('ckpt_path=[\"my run/a.ckpt\",b.ckpt]')."
-        ) from err
+            "ckpt_path is missing: python -m medx.eval ckpt_path=PATH (a .ckpt, a list "
+            "[a.ckpt,b.ckpt] or a glob for an ensemble, or models:/NAME/VERSION)."
+        )
+    overrides = run_overrides(cfg)
+    ckpts = [registry.resolve_model_uri(c) for c in checkpoint_paths(cfg.ckpt_path)]
+    for ckpt in ckpts:
+        _read(ckpt)
+    config = Path(cfg.config) if cfg.get("config") else None
+    return evaluate(ckpts, load_config(ckpts[0], overrides, config), overrides)
+
+
+def run_overrides(cfg: DictConfig) -> list[str]:
+    """The command line's overrides that apply to the evaluated run (all but ckpt_path and
+    config), from the composed config's Hydra section, else from Hydra's running job."""
+    hydra_cfg = cfg.get("hydra") or (HydraConfig.get() if HydraConfig.initialized() else None)
+    given = list(hydra_cfg.overrides.task) if hydra_cfg else []
+    parser = OverridesParser.create()
+    return [o for o in given if parser.parse_override(o).key_or_group not in OWN_KEYS]
+
+
+def checkpoint_paths(value: str | Sequence[str]) -> list[Path]:
+    """`ckpt_path`'s checkpoints: one path, a list (`[a.ckpt,b.ckpt]`, as Hydra gives it or as
+    a string), globs expanded in sorted order."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            value = OverridesParser.create().parse_override(f"ckpt_path={value}").value()
+        except HydraException as err:  # the parser raises its base class too
+            raise ConfigError(
+                f"ckpt_path={value} is no list of paths: write ckpt_path=[a.ckpt,b.ckpt] and "
+                "quote a path with spaces or commas ('ckpt_path=[\"my run/a.ckpt\",b.ckpt]')."
+            ) from err
+    paths = []
+    for given in [value] if isinstance(value, str) else [str(v) for v in value]:
+        if not any(c in given for c in "*?"):
+            paths.append(Path(given))
+            continue
+        found = sorted(glob.glob(given, recursive=True))
+        if not found:
+            raise ConfigError(f"ckpt_path={given} matches no file; check the pattern.")
+        paths += [Path(p) for p in found]
     if not paths:
         raise ConfigError("ckpt_path=[] names no checkpoint.")
-    return [Path(str(p)) for p in paths]
+    return paths
 
 
-def load_config(ckpt_path: Path, overrides: list[str], config: Path | None = None) -> DictConfig:
-    """The training run's config with `overrides` applied (group swaps composed from conf/)."""
+def load_config(
+    ckpt_path: Path, overrides: Sequence[str], config: Path | None = None
+) -> DictConfig:
+    """The training run's config with Hydra `overrides` applied (group swaps composed from
+    conf/ with the run's paths, then taken resolved)."""
     cfg = _run_config(ckpt_path, config)
-    pairs = [o.split("=", 1) for o in overrides]
-    groups = {k: v for k, v in pairs if "." not in k and (Path(config_dir()) / k).is_dir()}
-    if groups:  # compose the new group with the run's paths, then take it resolved
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    groups = {o.key_or_group for o in parsed if _is_group(o.key_or_group)}
+    if groups:
         keep = [f"paths.{k}={cfg.paths[k]}" for k in ("root_dir", "data_dir", "cache_dir")]
         composed = compose([f"seed={cfg.seed}", *keep, *overrides])
         for group in groups:
             cfg[group] = OmegaConf.to_container(composed[group], resolve=True)
-    dotted = [o for (k, _), o in zip(pairs, overrides, strict=True) if k not in groups]
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+    for override in parsed:
+        key = override.key_or_group
+        if key in groups:
+            continue
+        if override.is_sweep_override():
+            raise ConfigError(f"{override.input_line} sweeps; evaluate one value at a time.")
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if isinstance(node, DictConfig):
+                node.pop(leaf, None)
+        else:
+            OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+    return cfg
+
+
+def _is_group(key: str) -> bool:
+    return "." not in key and (Path(config_dir()) / key).is_dir()
 
 
 def _run_config(ckpt_path: Path, config: Path | None) -> DictConfig:
@@ -92,7 +152,7 @@ def _run_config(ckpt_path: Path, config: Path | None) -> DictConfig:
     beside = run_dir(ckpt_path) / "config.yaml"
     if ckpt_path.resolve().parent.name == "checkpoints" and beside.is_file():
         return OmegaConf.load(beside)
-    card = card_of(read_checkpoint(ckpt_path))
+    card = _card(ckpt_path)
     if not card.get("config"):
         raise ConfigError(
             f"{ckpt_path} carries no training config (written by an older medx) and no "
@@ -114,6 +174,8 @@ def run_dir(ckpt_path: Path) -> Path:
 
 def check_checkpoint(ckpt_path: Path, cfg: DictConfig, num_classes: int) -> None:
     """A checkpoint of another model or data config: say which, before any shape error."""
+    from medx.models.load import read_checkpoint
+
     saved = read_checkpoint(ckpt_path)["hyper_parameters"]
     wanted = {"backbone": cfg.model.get("backbone"), "num_classes": num_classes}
     found = {k: saved.get(k) for k in wanted}
@@ -148,6 +210,8 @@ def check_same_data(first: Path, cfg: DictConfig, other: Path, other_cfg: DictCo
 
 
 def _data_identity(cfg: DictConfig) -> dict:
+    from medx.models.base import declared_inputs
+
     data = OmegaConf.to_container(cfg.data, resolve=True)
     found = {k: v for k, v in data.items() if k not in MAY_DIFFER}
     found["inputs"] = declared_inputs(cfg.model._target_)
@@ -162,6 +226,13 @@ def evaluate(
 
     Further members are checked against their own run configs, with the same `overrides`.
     """
+    import lightning as L
+
+    from medx import schema
+    from medx.models.base import declared_inputs
+    from medx.tracking import runs, store
+    from medx.train import one_device
+
     schema.check(cfg)  # an override out of range (eval.bootstrap=-1) named before the run opens
     ckpts = [ckpt_path] if isinstance(ckpt_path, Path) else [Path(p) for p in ckpt_path]
     members = [(ckpts[0], cfg)] + [(c, load_config(c, list(overrides))) for c in ckpts[1:]]
@@ -200,6 +271,10 @@ def evaluate(
 def report_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Every report callback (each acts for its own task only); the clinical evaluation with
     eval.* winning over the run's saved settings, which were resolved from its eval.*."""
+    from medx.evaluation.callback import ClinicalEvaluation
+    from medx.evaluation.quality_report import QualityReport
+    from medx.evaluation.segmentation_report import SegmentationReport
+
     settings = dict((cfg.get("callbacks") or {}).get("clinical_evaluation") or {})
     settings.pop("_target_", None)
     clinical = ClinicalEvaluation(**{**settings, **(cfg.get("eval") or {})})
@@ -208,6 +283,9 @@ def report_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def load_model(members: list[tuple[Path, DictConfig]], num_classes: int) -> L.LightningModule:
     """The checkpoint's module, or the `Ensemble` of several; each checked against its config."""
+    from medx.evaluation.ensemble import Ensemble
+    from medx.models.load import load
+
     models = []
     for ckpt, member_cfg in members:
         check_checkpoint(ckpt, member_cfg, num_classes)
@@ -224,6 +302,8 @@ def load_model(members: list[tuple[Path, DictConfig]], num_classes: int) -> L.Li
 
 def _new_dir(parent: Path) -> Path:
     """`<parent>/<date>_<time>`, suffixed when an evaluation of the same second exists."""
+    from medx import schema
+
     schema.check_output_dir(parent, "medx.eval's output folder", "move that file elsewhere.")
     stamp, n = datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), 0
     while True:
@@ -247,33 +327,36 @@ def _tag_sources(logger: MLFlowLogger, ckpts: list[Path]) -> None:
 
 def _source_run(client: MlflowClient, experiment_id: str, ckpt: Path) -> str | None:
     """The training run of a checkpoint: from its card, else by its run folder."""
-    run_id = card_of(read_checkpoint(ckpt)).get("run", {}).get("id")
+    run_id = (_card(ckpt).get("run") or {}).get("id")
     if run_id:
         return run_id
-    runs = client.search_runs(
+    found = client.search_runs(
         [experiment_id], f"tags.`medx.output_dir` = '{run_dir(ckpt)}'", max_results=1
     )
-    return runs[0].info.run_id if runs else None
+    return found[0].info.run_id if found else None
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """CLI: `key=value` arguments, `ckpt_path` required."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    args = sys.argv[1:] if argv is None else argv
-    named = dict(
-        a.split("=", 1) for a in args if "=" in a and a.split("=", 1)[0] in ("ckpt_path", "config")
-    )
-    if "ckpt_path" not in named or any("=" not in a for a in args):
-        sys.exit(USAGE)
-    overrides = [a for a in args if a.split("=", 1)[0] not in named]
-    with user_errors():
-        # models:/NAME/VERSION or models:/NAME@ALIAS: the downloaded checkpoint (and its folder)
-        ckpts = [registry.resolve_model_uri(c) for c in checkpoint_paths(named["ckpt_path"])]
-        for ckpt in ckpts:  # every file read (and refused, if bad) before any MLflow run
-            read_checkpoint(ckpt)
-        config = Path(named["config"]) if "config" in named else None
-        return evaluate(ckpts, load_config(ckpts[0], overrides, config), overrides)
+def _read(ckpt: Path) -> dict[str, Any]:
+    from medx.models.load import read_checkpoint
+
+    return read_checkpoint(ckpt)
+
+
+def _card(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's model card: what eval reads of it is `config` and `run.id`, and a card
+    written by an older medx may lack either (said, or looked up by the run folder)."""
+    from medx.models.load import card_of
+
+    return card_of(_read(ckpt))
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (`python -m medx.eval`, `medx-eval`); user errors are one line."""
+    with user_errors("medx.eval"):
+        run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    if not hydra_help("eval"):  # the same page as Hydra's, without its slow group listing
+        main()

@@ -1,33 +1,42 @@
-"""`python -m medx.train`: fit, then test with the best checkpoint, tracked in MLflow."""
+"""`python -m medx.train`: fit, then test with the best checkpoint, tracked in MLflow.
+
+Only Hydra and OmegaConf are imported at the top: `--help` and `--cfg job` answer without
+loading torch, Lightning or MLflow, which `train` imports when it runs.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medx import schema
-from medx.cli import user_errors
+from medx.cli import hydra_help, user_errors
 from medx.config import config_dir
 from medx.errors import ConfigError
-from medx.models.base import compile_errors, declared_inputs
-from medx.models.card import training_card
-from medx.tracking import registry, runs, store
-from medx.training import resume
-from medx.training.checkpoint_io import CheckpointWriter
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment from a composed config; return the final metrics."""
+    import lightning as L
+
+    from medx import schema
+    from medx.models.base import compile_errors, declared_inputs
+    from medx.models.card import training_card
+    from medx.tracking import registry, runs
+    from medx.training import resume
+    from medx.training.checkpoint_io import CheckpointWriter
+
     schema.check(cfg)  # bad values named now, before seeding or opening the MLflow run
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -111,6 +120,8 @@ def _processes(trainer: L.Trainer) -> int:
 
 def _check_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
     """torch's SyncBatchNorm fails on CPU tensors deep inside a worker: say so before fit."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
     if cfg.trainer.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
         raise ConfigError(
             "trainer.sync_batchnorm=true needs GPUs (torch has no CPU SyncBatchNorm): add "
@@ -121,6 +132,8 @@ def _check_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
 def _report(
     cfg: DictConfig, metrics: dict[str, float], trainer: L.Trainer, loggers: list[Logger]
 ) -> None:
+    from medx.tracking import runs
+
     best = metrics.get(f"{cfg.monitor}_best")
     lines = [f"{cfg.monitor} best {best:.4f}" if best is not None else ""]
     lines += [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
@@ -131,6 +144,9 @@ def _report(
 
 def _loggers(cfg: DictConfig) -> list[Logger]:
     """The configured logger; fails fast on an unreachable MLflow server; resumes a run."""
+    from medx.tracking import store
+    from medx.training import resume
+
     if not cfg.get("logger"):
         return []
     if cfg.logger.get("tracking_uri"):
@@ -174,4 +190,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    if not hydra_help("train"):  # the same page as Hydra's, without its slow group listing
+        main()

@@ -232,7 +232,7 @@ def test_models_uris_open_wherever_a_checkpoint_is_taken(
     assert cached.stat().st_mtime_ns == stamp
 
     monkeypatch.chdir(tmp_path)
-    metrics = medx_eval.main([f"ckpt_path=models:/{NAME}/1", "eval.bootstrap=20"])
+    metrics = medx_eval.run(compose([f"ckpt_path=models:/{NAME}/1", "eval.bootstrap=20"], "eval"))
     assert metrics["test/auroc"] == pytest.approx(registered.metrics["test/auroc"])
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from medx.config import compose
 from medx.errors import ConfigError
 from medx.eval import evaluate, load_config
-from medx.eval import main as eval_main
+from medx.eval import run as eval_run
 from medx.evaluation.callback import ClinicalEvaluation
 from medx.train import train
 
@@ -52,7 +53,7 @@ def test_a_run_reports_and_its_checkpoint_reproduces_it(
 
     # medx.eval on the best checkpoint: the same test metrics, in a new run tagged with the source
     (best,) = (tmp_path / "run" / "checkpoints").glob("epoch*.ckpt")
-    again = eval_main([f"ckpt_path={best}"])
+    again = eval_run(compose([f"ckpt_path={best}"], "eval"))
 
     evaluated = next(r for r in tracked_runs() if r.info.run_id != run.info.run_id)
     assert evaluated.data.tags["medx.source_run_id"] == run.info.run_id

@@ -11,9 +11,10 @@ from mlflow.entities import Run
 from omegaconf import OmegaConf, open_dict
 from sklearn.metrics import roc_auc_score
 
+from medx.config import compose
 from medx.errors import ConfigError
 from medx.eval import checkpoint_paths, evaluate, load_config
-from medx.eval import main as eval_main
+from medx.eval import run as eval_run
 from medx.train import train
 
 
@@ -47,8 +48,8 @@ def test_an_ensemble_of_two_checkpoints_evaluates_their_mean_probability(
     trained = {r.data.tags["medx.output_dir"]: r.info.run_id for r in tracked_runs()}
 
     for ckpt in (a, b):
-        eval_main([f"ckpt_path={ckpt}", "eval.bootstrap=50"])
-    metrics = eval_main([f"ckpt_path=[{a},{b}]", "eval.bootstrap=50"])
+        eval_run(compose([f"ckpt_path={ckpt}", "eval.bootstrap=50"], "eval"))
+    metrics = eval_run(compose([f"ckpt_path=[{a},{b}]", "eval.bootstrap=50"], "eval"))
 
     evals = {
         r.data.tags["medx.checkpoint"]: r

@@ -18,8 +18,10 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import open_dict
 
+from medx.config import compose
 from medx.errors import CheckpointError
 from medx.eval import main as eval_main
+from medx.eval import run as eval_run
 from medx.models.load import load, model_card, read_checkpoint
 from medx.predict import main as predict_main
 from medx.score import main as score_main
@@ -76,7 +78,7 @@ def test_a_checkpoint_copied_alone_is_the_whole_model(
     assert labelled["auroc"] == pytest.approx(metrics["test/auroc"], abs=1e-6)
     assert labelled["images"] == len(expected)
 
-    again = eval_main([f"ckpt_path={alone}", "eval.bootstrap=50"])
+    again = eval_run(compose([f"ckpt_path={alone}", "eval.bootstrap=50"], "eval"))
     assert again["test/auroc"] == pytest.approx(metrics["test/auroc"], abs=1e-6)
     assert again["test/threshold_at_op"] == pytest.approx(metrics["test/threshold_at_op"])
 
@@ -140,7 +142,7 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(tmp_pa
     with pytest.raises(CheckpointError, match=r"evil\.ckpt was refused: it holds Python objects"):
         load(ckpt)
     for command in (
-        lambda: eval_main([f"ckpt_path={ckpt}"]),
+        lambda: eval_main(compose([f"ckpt_path={ckpt}"], "eval")),
         lambda: predict_main([str(ckpt), str(tmp_path)]),
         lambda: score_main([str(tmp_path), "--checkpoint", str(ckpt)]),
     ):
@@ -185,7 +187,7 @@ def test_unreadable_checkpoints_get_one_line_naming_the_file_before_any_run(
             model_card(path)
         assert str(path) in str(err.value), name
         for command in (
-            lambda p=path: eval_main([f"ckpt_path={p}"]),
+            lambda p=path: eval_main(compose([f"ckpt_path={p}"], "eval")),
             lambda p=path: predict_main([str(p), str(tmp_path)]),
             lambda p=path: score_main([str(tmp_path), "--checkpoint", str(p)]),
         ):

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from medx.config import compose, config_dir
 from medx.errors import ConfigError
-from medx.eval import main as eval_main
+from medx.eval import run as eval_run
 from medx.models.classifier import ClassificationModule, inverse_frequency_weights
 from medx.models.losses import BinaryCrossEntropy, CrossEntropy, FocalLoss
 from medx.train import train
@@ -123,7 +123,7 @@ def test_bce_run_trains_one_logit_and_its_checkpoint_evaluates(make_cfg, tracked
     assert model.criterion.pos_weight.item() == pytest.approx(counts[0] / counts[1])  # n_neg/n_pos
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 2)  # [0, z]: two-class logits
 
-    again = eval_main([f"ckpt_path={best}"])
+    again = eval_run(compose([f"ckpt_path={best}"], "eval"))
     assert again["test/auroc"] == pytest.approx(metrics["test/auroc"], abs=1e-6)
 
 
