@@ -255,15 +255,19 @@ def lung_images(medx_data: Path, tmp_path_factory: pytest.TempPathFactory) -> li
     return sorted(folder.iterdir())
 
 
+def _masks(segmenter: Trained, images: list[Path]) -> list[np.ndarray]:
+    """The masks of the Python API: what every other door must draw."""
+    return [r.mask for r in Segmenter.from_checkpoint(segmenter.checkpoint).segment(images)]
+
+
 def test_a_segmenter_draws_the_same_mask_through_every_door(
     segmenter: Trained, lung_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", segmenter.store)
     monkeypatch.setenv("MEDX_MODEL_CACHE", str(tmp_path / "cache"))
-    reference = [
-        r.mask for r in Segmenter.from_checkpoint(segmenter.checkpoint).segment(lung_images)
-    ]
-    assert all(m.shape == cv2.imread(str(p)).shape[:2] for m, p in zip(reference, lung_images))
+    reference = _masks(segmenter, lung_images)
+    for mask, path in zip(reference, lung_images, strict=True):
+        assert mask.shape == cv2.imread(str(path)).shape[:2]
     assert 0 < np.mean([m.mean() for m in reference]) < 255  # a real mask, not a blank
 
     written = predict_folder(segmenter.checkpoint, lung_images[0].parent, tmp_path / "masks")
@@ -278,9 +282,7 @@ def test_a_segmenter_draws_the_same_mask_through_every_door(
 
 @pytest.mark.slow
 def test_a_served_segmenter_draws_the_same_mask(segmenter: Trained, lung_images: list[Path]):
-    reference = [
-        r.mask for r in Segmenter.from_checkpoint(segmenter.checkpoint).segment(lung_images)
-    ]
+    reference = _masks(segmenter, lung_images)
     with serving(Settings(model=str(segmenter.checkpoint), threads=1)) as url:
         for path, want in zip(lung_images, reference, strict=True):
             answer = httpx.post(f"{url}/segment", files={"file": path.open("rb")}, timeout=60)
