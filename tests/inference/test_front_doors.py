@@ -12,6 +12,7 @@ fixtures), on the phantom, tiny, and registered in a sqlite MLflow store of thei
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 from dataclasses import dataclass
@@ -155,8 +156,8 @@ def _assert_agree(reference: list[Answer], got: list[Answer], door: str, toleran
         assert have.threshold == pytest.approx(want.threshold, abs=1e-6), (door, i)
 
 
-def _csv_answers(checkpoint: str, folder: Path, out: Path, classes: list[str]) -> list[Answer]:
-    predict_main([checkpoint, str(folder), "--out", str(out), "--workers", "1", "--no-progress"])
+def _csv_answers(model: str, folder: Path, out: Path, classes: list[str], *flags: str):
+    predict_main([model, str(folder), "--out", str(out), "--workers", "1", "--no-progress", *flags])
     with (out / "predictions.csv").open() as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}
     assert all(r["error"] == "" for r in rows.values())
@@ -166,41 +167,46 @@ def _csv_answers(checkpoint: str, folder: Path, out: Path, classes: list[str]) -
 def test_every_door_in_process_gives_the_same_answer(
     classifier: Trained, images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    """Calibrated, as the doors answer by default, and raw (`--no-calibration`): a tiny
+    phantom model's temperature is large, which squeezes calibrated probabilities together;
+    on the raw scale a door that read other pixels could not hide."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", classifier.store)
     monkeypatch.setenv("MEDX_MODEL_CACHE", str(tmp_path / "cache"))
-    predictor = Predictor.from_checkpoint(classifier.checkpoint)
-    classes = predictor.classes
-    reference = [_from_api(r) for r in predictor.predict(images)]
-    assert all(a.decision is not None and a.scale == "calibrated" for a in reference)
-    assert predictor.temperature != 1.0  # the calibrated scale is really another scale
-
-    # the card's intensity step is applied: the model's input without it answers otherwise
-    plain = torch.stack([predictor.model_input(read(p)) for p in images])
-    same = torch.allclose(
-        predictor.probabilities(plain),
-        torch.tensor([list(a.probabilities.values()) for a in reference]),
-        atol=1e-4,
-    )
-    assert same == (predictor.intensity == "none"), predictor.intensity
-
-    folder = images[0].parent
-    doors = {
-        "medx.predict CSV": _csv_answers(
-            str(classifier.checkpoint), folder, tmp_path / "csv", classes
-        ),
-        "medx.predict models:/": _csv_answers(
-            f"models:/{classifier.name}/1", folder, tmp_path / "uri", classes
-        ),
-    }
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{classifier.name}/1")
+    uri, folder = f"models:/{classifier.name}/1", images[0].parent
+    pyfunc = mlflow.pyfunc.load_model(uri)
     frame = pd.DataFrame({"image": [p.read_bytes() for p in images]})
-    doors["pyfunc"] = [_from_row(row, classes) for _, row in pyfunc.predict(frame).iterrows()]
-    for door, answers in doors.items():
-        _assert_agree(reference, answers, door, TOLERANCE["pytorch"])
-
     onnx = export(classifier.checkpoint, tmp_path / "model.onnx", mlflow=False).path
-    by_onnx = [_from_api(r) for r in Predictor.from_checkpoint(onnx).predict(images)]
-    _assert_agree(reference, by_onnx, "onnxruntime", TOLERANCE["onnxruntime"])
+    for calibrated in (True, False):
+        scale = "calibrated" if calibrated else "raw"
+        flags = [] if calibrated else ["--no-calibration"]
+        predictor = Predictor.from_checkpoint(classifier.checkpoint, calibrated=calibrated)
+        classes = predictor.classes
+        reference = [_from_api(r) for r in predictor.predict(images)]
+        assert all(a.decision is not None and a.scale == scale for a in reference)
+
+        doors = {
+            "medx.predict CSV": _csv_answers(
+                str(classifier.checkpoint), folder, tmp_path / scale / "csv", classes, *flags
+            ),
+            "medx.predict models:/": _csv_answers(
+                uri, folder, tmp_path / scale / "uri", classes, *flags
+            ),
+            "pyfunc": [
+                _from_row(row, classes)
+                for _, row in pyfunc.predict(frame, params={"calibrated": calibrated}).iterrows()
+            ],
+        }
+        for door, answers in doors.items():
+            _assert_agree(reference, answers, f"{door} ({scale})", TOLERANCE["pytorch"])
+        by_onnx = Predictor.from_checkpoint(onnx, calibrated=calibrated).predict(images)
+        answers = [_from_api(r) for r in by_onnx]
+        _assert_agree(reference, answers, f"onnxruntime ({scale})", TOLERANCE["onnxruntime"])
+
+    # the card's intensity step is applied: without it the model answers otherwise
+    plain = torch.stack([predictor.model_input(read(p)) for p in images])
+    wanted = torch.tensor([list(a.probabilities.values()) for a in reference])
+    same = torch.allclose(predictor.probabilities(plain), wanted, atol=1e-4, rtol=0)
+    assert same == (predictor.intensity == "none"), predictor.intensity
 
 
 @pytest.mark.slow
@@ -227,10 +233,22 @@ def test_every_server_gives_the_same_answer(
         assert metadata["decision"]["threshold"] == pytest.approx(reference[0].threshold)
         assert str(classifier.root) not in json.dumps(metadata)  # no local paths served
 
+    raw = [_from_api(r) for r in predictor.configured(calibrated=False).predict(images)]
     with model_server(f"models:/{classifier.name}/1", classifier.store, tmp_path / "log") as base:
         served = invoke(base, images)
-    answers = [_from_row(row, predictor.classes) for _, row in served.iterrows()]
-    _assert_agree(reference, answers, "mlflow models serve", TOLERANCE["pytorch"])
+        served_raw = _invoke(base, images, {"calibrated": False})
+    for want, got, scale in ((reference, served, "calibrated"), (raw, served_raw, "raw")):
+        answers = [_from_row(row, predictor.classes) for _, row in got.iterrows()]
+        _assert_agree(want, answers, f"mlflow models serve ({scale})", TOLERANCE["pytorch"])
+
+
+def _invoke(base: str, images: list[Path], params: dict) -> pd.DataFrame:
+    """POST the images to /invocations with MLflow's `params` (the pyfunc's calibrated)."""
+    rows = [[base64.b64encode(p.read_bytes()).decode()] for p in images]
+    body = {"dataframe_split": {"columns": ["image"], "data": rows}, "params": params}
+    answer = httpx.post(f"{base}/invocations", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return pd.DataFrame(answer.json()["predictions"])
 
 
 # --- a segmenter ----------------------------------------------------------------------------
