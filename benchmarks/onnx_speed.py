@@ -4,7 +4,7 @@ The model is a medx ClassificationModule (normalisation inside, as exported), ra
 (speed does not depend on them), exported by `medx.export.export_model` and so verified first
 (on real chest X-rays when $MEDX_DATA is set, else on synthetic phantom images). Then both
 sides predict one [0, 1] image at a time: PyTorch eager under `inference_mode`, and
-`medx.export.OnnxModel` (what the service runs). Each repeat times `--iterations` calls of one
+`medx.inference.OnnxModel` (what the service runs). Each repeat times `--iterations` calls of one
 side, then of the other, alternating which goes first, so a noisy neighbour on a shared CPU
 slows both alike; the figures are medians over repeats. Both sides use `--threads` threads
 (default 1: on an oversubscribed CPU, eager PyTorch's OpenMP threads stall each other and the
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from medx.export import OnnxModel, as_batch, check_images, export_model
+from medx.export import as_batch, check_images, export_model
+from medx.inference import OnnxModel
 from medx.models.classifier import ClassificationModule
 
 GOAL = 1.5

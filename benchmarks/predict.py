@@ -29,8 +29,8 @@ from medx.data.io import read_image
 from medx.data.transforms import ImageTransform
 from medx.evaluation.explain import grad_cam
 from medx.evaluation.tta import tta_logits
+from medx.inference import Predictor
 from medx.models.classifier import ClassificationModule
-from medx.predict import Options, predict_classifier
 
 GOAL = 0.8
 
@@ -92,7 +92,11 @@ def main() -> None:
     model = ClassificationModule("resnet18", 2).eval()  # untrained: the cost is the same
     model.card = {"class_names": ["NORMAL", "PNEUMONIA"], "input": {"image_size": args.size}}
     x = torch.rand(args.batch_size, 3, args.size, args.size)
-    options = Options(batch_size=args.batch_size, workers=args.workers, progress=False)
+    predictor = Predictor(model)  # what medx.predict streams a folder through
+
+    def end_to_end(paths: list[Path]) -> list:
+        return list(predictor.stream(paths, args.batch_size, args.workers))
+
     transform = ImageTransform(args.size)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = write_inputs(medx_data, Path(tmp), args.images)
@@ -102,8 +106,8 @@ def main() -> None:
             "model only": lambda: [classify_batch(model, x) for _ in range(batches)],
             "decode only, JPEG": lambda: [transform(read_image(p)) for p in inputs["jpeg"]],
             "decode only, DICOM": lambda: [transform(read_image(p)) for p in inputs["dicom"]],
-            "end to end, JPEG": lambda: predict_classifier(model, inputs["jpeg"], None, options),
-            "end to end, DICOM": lambda: predict_classifier(model, inputs["dicom"], None, options),
+            "end to end, JPEG": lambda: end_to_end(inputs["jpeg"]),
+            "end to end, DICOM": lambda: end_to_end(inputs["dicom"]),
             "Grad-CAM": lambda: [grad_cam(model, x) for _ in range(batches)],
             "TTA": lambda: [tta_logits_no_grad(model, x) for _ in range(batches)],
         }

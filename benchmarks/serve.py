@@ -3,8 +3,8 @@
 Starts `python -m medx.serve` on a free loopback port and drives `POST /predict` with 1, 4 and
 8 concurrent clients (threads with keep-alive httpx clients, a bounded number of requests
 each): requests/s and client-side p50/p95 latency. Beside it, in this process and on the same
-files, the same work without HTTP: one image at a time, read (`medx.predict.read_checked`),
-resized and classified (`classify`, batch 1), as one service request does. The ratio service
+files, the same work without HTTP: one image at a time through `medx.inference.Predictor`
+(read, resized, classified: batch 1), as one service request does. The ratio service
 ÷ in-process throughput has the goal ≥ 0.8. `medx.predict`'s batched folder run (batch 16,
 2 DataLoader workers) is printed for scale. `--onnx` also exports the model
 (`medx.export`) and serves the `.onnx` file with onnxruntime, against an in-process
@@ -36,8 +36,8 @@ import httpx
 import numpy as np
 import torch
 
+from medx.inference import Predictor
 from medx.models.classifier import ClassificationModule
-from medx.predict import Options, Reading, classify, predict_classifier, read_checked
 
 GOAL = 0.8
 
@@ -64,14 +64,10 @@ def _plain(value: object) -> bool:
 
 def in_process(model: torch.nn.Module, paths: list[Path]) -> float:
     """Seconds for the service's per-request work on every file, without HTTP."""
-    reading = Reading.of(model, Options())
-    from medx.data.transforms import ImageTransform
-
-    transform = ImageTransform(reading.size)
+    predictor = Predictor(model)
     start = time.perf_counter()
     for path in paths:
-        x = transform(read_checked(path, 50_000_000))[None]
-        classify(model, x, reading.temperature, False)
+        predictor.run([predictor.prepare(path)])
     return time.perf_counter() - start
 
 
@@ -159,7 +155,8 @@ def main() -> None:
 
         models = {"pytorch": (load(ckpt), ckpt)}
         if args.onnx:
-            from medx.export import OnnxModel, export
+            from medx.export import export
+            from medx.inference import OnnxModel
 
             onnx = export(ckpt, Path(tmp) / "resnet18.onnx", mlflow=False).path
             models["onnxruntime"] = (OnnxModel(onnx, threads=args.threads), onnx)
@@ -180,7 +177,7 @@ def report(
     services: dict[str, Service],
 ) -> None:
     n, payloads = len(paths), [p.read_bytes() for p in paths]
-    folder = Options(batch_size=16, workers=2, progress=False)
+    folder = Predictor(models["pytorch"])
     for name, service in services.items():  # warm-up: connections, allocator, page cache
         drive(service.url, payloads, 2, 8)
         in_process(models[name], paths)
@@ -191,7 +188,7 @@ def report(
         for name, model in models.items():
             inproc[name].append(n / in_process(model, paths))
         start = time.perf_counter()
-        predict_classifier(models["pytorch"], paths, None, folder)
+        list(folder.stream(paths, batch_size=16, workers=2))
         batched.append(n / (time.perf_counter() - start))
         for name, service in services.items():
             for clients in args.clients:

@@ -12,13 +12,15 @@ as `medx.data.io.read_image` + `ImageTransform` do (`medx.preprocessing`).
 
 - Classifier: `image` [batch, 3, S, S] with S the training `image_size`; any batch size.
   Output `logits` [batch, classes]; probabilities = softmax(logits / `medx.temperature`); a
-  binary model's `medx.threshold` applies to softmax(logits)[:, 1], uncalibrated (as in the
-  card; `medx.predict.Decision` maps it onto the calibrated scale).
+  binary model's `medx.threshold` (`{"value", "scale": "raw"}`) applies to
+  softmax(logits)[:, 1], uncalibrated (as in the card; `medx.inference.DecisionRule` maps it
+  onto the calibrated scale).
 - Segmenter: `image` [batch, 3, H, W], any batch, H and W multiples of the network's stride
   (`medx.input.stride`, 32 for a 5-stage encoder). A caller pads other sizes at the bottom and
   right by repeating the edge pixels (`numpy.pad(x, ((0, 0), (0, 0), (0, -H % s), (0, -W % s)),
-  mode="edge")`, as `pad_to_stride` does) and crops the output back to [..., :H, :W].
-  Output `logits` [batch, 1, H, W]; mask = sigmoid(logits) >= `medx.threshold`, then the
+  mode="edge")`, as `medx.inference.onnx_model.pad_to_stride` does) and crops the output back
+  to [..., :H, :W]. Output `logits` [batch, 1, H, W]; mask = sigmoid(logits) >=
+  `medx.threshold.value`, then the
   `medx.postprocess` step named in the file.
 
 **Exporter and opset.** The TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) at
@@ -40,7 +42,8 @@ synthetic phantom chest images (seed 0), and the command says so.
 `medx.task`, `medx.class_names`, `medx.threshold`, `medx.operating_point`,
 `medx.target_sensitivity`, `medx.temperature`, `medx.run_id`, `medx.input`, `medx.output`,
 `medx.preprocessing`, `medx.export` (exporter, opset, versions, checkpoint) and `medx.check`
-(the verification's largest difference). `OnnxModel` reads them back.
+(the verification's largest difference). `medx.inference.OnnxModel` reads them back and
+runs the file (the onnxruntime backend of `medx.predict` and `medx.serve`).
 
 **MLflow.** When the card names a training run and its tracking store answers, the file is
 logged to that run under `onnx/` (also to a FINISHED run) with the tag `medx.onnx`; an
@@ -57,21 +60,19 @@ import warnings
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cv2
-import numpy as np
-import torch
-
-from medx.cli import user_errors
 from medx.errors import MedxError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 log = logging.getLogger("medx.export")  # also under `python -m`
 
 OPSET = 17
 MAX_OPSET = 20  # the TorchScript exporter's highest
-INPUT, OUTPUT = "image", "logits"
+INPUT, OUTPUT = "image", "logits"  # as medx.inference.onnx_model (which reads these files)
 TOLERANCE = 1e-4  # largest |logit difference| onnxruntime vs PyTorch that passes
 EXPORT_BATCH = 2  # the dummy input's batch; the check runs 1 and CHECK_BATCH
 CHECK_BATCH = 3
@@ -122,22 +123,18 @@ def image_size(model: torch.nn.Module) -> int:
     return int(size)
 
 
-def pad_to_stride(x: np.ndarray, step: int) -> np.ndarray:
-    """NCHW images padded at the bottom and right, repeating edge pixels, to multiples of step."""
-    h, w = x.shape[-2:]
-    if h % step == 0 and w % step == 0:
-        return x
-    return np.pad(x, ((0, 0), (0, 0), (0, -h % step), (0, -w % step)), mode="edge")
-
-
 def metadata(model: torch.nn.Module, size: int, opset: int) -> dict[str, Any]:
     """What goes into the file's metadata_props (values before JSON encoding)."""
     import onnxruntime
+    import torch
 
-    card = dict(model.card)
+    from medx.models.card import ModelCard
+
+    typed = ModelCard.from_dict(model.card)
+    card = typed.to_dict()
     segmenter = model.task == "segmentation"
-    op = card.get("operating_point") or None
-    temperature = float((card.get("calibration") or {}).get("temperature", 1.0))
+    op = typed.operating_point.to_dict() if typed.operating_point else None
+    temperature = typed.temperature
     decoding = {k: v for k, v in (card.get("input") or {}).items() if k not in ("mean", "std")}
     spatial = ["height", "width"] if segmenter else [size, size]
     contract = {
@@ -165,7 +162,7 @@ def metadata(model: torch.nn.Module, size: int, opset: int) -> dict[str, Any]:
             "meaning": "mask logits; mask = sigmoid(logits) >= medx.threshold, then "
             "medx.postprocess",
         }
-        threshold = float(model.threshold)
+        threshold = {"value": float(model.threshold), "scale": "raw"}  # on the sigmoid
         card["segmentation"] = {
             "threshold": threshold,
             "postprocess": model.hparams.get("postprocess", "none"),
@@ -176,11 +173,12 @@ def metadata(model: torch.nn.Module, size: int, opset: int) -> dict[str, Any]:
             "name": OUTPUT,
             "shape": ["batch", len(card.get("class_names") or []) or "classes"],
             "meaning": "class logits; probabilities = softmax(logits / medx.temperature); binary "
-            "decision: softmax(logits)[:, 1] >= medx.threshold (uncalibrated scale)",
+            "decision: softmax(logits)[:, 1] >= medx.threshold.value (on medx.threshold.scale: "
+            "raw = uncalibrated)",
         }
-        threshold = op.get("threshold") if op else None
+        threshold = {"value": op["threshold"], "scale": op["scale"]} if op else None
     return {
-        "medx.format": 1,
+        "medx.format": 2,  # 2: medx.threshold is {"value", "scale"}
         "medx.task": model.task,
         "medx.class_names": list(card.get("class_names") or []),
         "medx.threshold": threshold,
@@ -210,6 +208,7 @@ def metadata(model: torch.nn.Module, size: int, opset: int) -> dict[str, Any]:
 def write_onnx(model: torch.nn.Module, out: Path, size: int, opset: int = OPSET) -> None:
     """Trace `model` (eval mode, float32, CPU) into `out` with dynamic axes and metadata."""
     import onnx
+    import torch
 
     model = model.float().cpu().eval()
     dims = {0: "batch", 2: "height", 3: "width"} if model.task == "segmentation" else {0: "batch"}
@@ -248,9 +247,14 @@ def set_metadata(proto: Any, entries: dict[str, Any]) -> None:
 # --- verification ---------------------------------------------------------------------------
 
 
-def check_images(folder: Path | None, n: int = CHECK_BATCH) -> tuple[list[np.ndarray], str]:
+def check_images(
+    folder: Path | None, n: int = CHECK_BATCH, intensity: str = "none"
+) -> tuple[list[np.ndarray], str]:
     """n uint8 RGB images to verify on: spread over `folder` (sorted, so both ends of a
-    class-per-folder tree), or, without one, n synthetic phantom chest images (seed 0)."""
+    class-per-folder tree), or, without one, n synthetic phantom chest images (seed 0). Files
+    are read by `medx.inference`, with the model's `intensity` step, as every door reads them."""
+    import numpy as np
+
     if folder is None:
         from medx.data.phantom import render_phantom
 
@@ -258,16 +262,20 @@ def check_images(folder: Path | None, n: int = CHECK_BATCH) -> tuple[list[np.nda
         grays = [render_phantom(rng, 256, opacity=bool(i % 2))[0] for i in range(n)]
         images = [np.repeat(g[..., None], 3, axis=2) for g in grays]
         return images, f"{n} synthetic phantom images (no --check-images given)"
-    from medx.predict import MAX_PIXELS, find_inputs, read_checked
+    from medx.inference import find_inputs, read
 
     paths = find_inputs(Path(folder))
     picked = [paths[round(i * (len(paths) - 1) / max(n - 1, 1))] for i in range(n)]
-    images = [read_checked(p, MAX_PIXELS) for p in picked]
+    images = [read(p, intensity=intensity) for p in picked]
     return images, f"{len(set(picked))} images from {folder}"
 
 
 def as_batch(images: list[np.ndarray], batch: int, height: int, width: int) -> torch.Tensor:
     """`batch` [0, 1] float images resized to height x width (cycling through `images`)."""
+    import cv2
+    import numpy as np
+    import torch
+
     chosen = [images[i % len(images)] for i in range(batch)]
     small = [cv2.resize(im, (width, height), interpolation=cv2.INTER_AREA) for im in chosen]
     return torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float().div(255).contiguous()
@@ -310,6 +318,11 @@ def verify(
     """Run `onnx_path` with onnxruntime and `model` with PyTorch on the same batches; raise
     CheckError (naming the file and the difference) when the logits differ by more than
     `tolerance`. A NaN anywhere fails too."""
+    import numpy as np
+    import torch
+
+    from medx.inference import OnnxModel
+
     runtime = OnnxModel(onnx_path)
     size = int(runtime.input["image_size"])
     worst, worst_case, worst_x, cases = 0.0, "", None, []
@@ -338,6 +351,8 @@ def verify(
 def float32_rounding(model: torch.nn.Module, x: torch.Tensor) -> float:
     """How far the model's float32 logits are from its float64 ones on x: the precision that
     an exact export can be held to (deep segmenters with logits near 10 reach 5e-5)."""
+    import torch
+
     exact = deepcopy(model).double()
     with torch.inference_mode():
         return float((model(x).double() - exact(x.double())).abs().max())
@@ -408,15 +423,21 @@ def export(
     tracking_uri: str | None = None,
     mlflow: bool = True,
 ) -> Exported:
-    """Export a medx checkpoint to `out` (default: next to it, .onnx), verify it, log it."""
-    from medx.models.load import load
+    """Export a medx model (a checkpoint or `models:/` URI) to `out` (default: next to the
+    checkpoint, .onnx), verify it, log it."""
+    from medx.inference import backend_of, open_model
+    from medx.models.card import ModelCard
 
-    model = load(checkpoint)
+    model = open_model(checkpoint)
+    if backend_of(model) != "pytorch":
+        raise ExportError(f"{checkpoint} is already an ONNX export; give its .ckpt file.")
+    if out is None and str(checkpoint).startswith("models:/"):
+        raise ExportError(f"{checkpoint} is a registered model: name the file with --out.")
     out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; give a file name such as model.onnx.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    pictures, described = check_images(images)
+    pictures, described = check_images(images, intensity=ModelCard.from_dict(model.card).intensity)
     check = export_model(model, out, pictures, described, tolerance, opset, size)
     logged = mlflow and log_to_run(model.card, out, check, tracking_uri)
     return Exported(out, check, logged)
@@ -461,116 +482,6 @@ def export_model(
     return check
 
 
-# --- using an export ------------------------------------------------------------------------
-
-
-class OnnxModel:
-    """A medx .onnx file run by onnxruntime, used like the torch module it came from.
-
-    `card` (the checkpoint's model card, plus `card["onnx"]`: file, export, check), `task`,
-    `class_names`, `temperature`, `threshold`, and `model(x)` → logits for a [0, 1] float
-    batch (torch tensor in → torch tensor out; NumPy in → NumPy out). Segmenters also have
-    `predict_masks`, `postprocess` and pad inputs to the stride themselves; `hparams`,
-    `device` and `eval()` let `medx.predict.classify`/`predict_mask` take it as they take the
-    module. One session serves concurrent calls (onnxruntime's `run` is thread-safe).
-    """
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ExportError(f"ONNX model {self.path} does not exist; check the path.")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph, ...
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ExportError(
-                f"{self.path} cannot be opened by onnxruntime ({first}): not an ONNX file or "
-                "damaged; export it again with `python -m medx.export`."
-            ) from err
-        props = self.session.get_modelmeta().custom_metadata_map
-        if "medx.card" not in props:
-            raise ExportError(
-                f"{self.path} is an ONNX model but not a medx export (no medx.card in its "
-                "metadata); export the checkpoint with `python -m medx.export`."
-            )
-        self.metadata = {k: json.loads(v) for k, v in props.items() if k.startswith("medx.")}
-        meta = self.metadata
-        self.card: dict[str, Any] = dict(meta["medx.card"])
-        self.card["onnx"] = {
-            "file": str(self.path),
-            "export": meta.get("medx.export"),
-            "check": meta.get("medx.check"),
-        }
-        self.task: str = meta["medx.task"]
-        self.input: dict[str, Any] = meta["medx.input"]
-        self.class_names: list[str] = list(meta.get("medx.class_names") or [])
-        self.temperature = float(meta.get("medx.temperature") or 1.0)
-        self.threshold = meta.get("medx.threshold")
-        self.stride = int(self.input.get("stride", 1))
-        size = int(self.input["image_size"])
-        self.image_size = size
-        self.device = torch.device("cpu")
-        if self.task == "segmentation":
-            from medx.models.postprocess import make_postprocess
-
-            self.postprocess = make_postprocess(meta.get("medx.postprocess") or "none")
-            self.hparams = SimpleNamespace(image_size=size, threshold=self.threshold)
-        else:
-            outputs = self.session.get_outputs()[0].shape[1]
-            classes = len(self.class_names) or (outputs if isinstance(outputs, int) else 0)
-            self.hparams = SimpleNamespace(image_size=size, num_classes=classes)
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """Logits of a [0, 1] float batch (N x 3 x H x W)."""
-        as_torch = isinstance(x, torch.Tensor)
-        array = x.detach().cpu().numpy() if as_torch else np.asarray(x)
-        self._check(array)
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        h, w = array.shape[-2:]
-        if self.task == "segmentation":
-            array = pad_to_stride(array, self.stride)
-        logits = self.session.run([OUTPUT], {INPUT: array})[0]
-        if self.task == "segmentation":
-            logits = np.ascontiguousarray(logits[..., :h, :w])
-        return torch.from_numpy(logits) if as_torch else logits
-
-    def predict_masks(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """Foreground probabilities (N x 1 x H x W) of [0, 1] images."""
-        logits = self(x)
-        if isinstance(logits, torch.Tensor):
-            return torch.sigmoid(logits)
-        return 1.0 / (1.0 + np.exp(-logits))
-
-    def _check(self, x: np.ndarray) -> None:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ExportError(
-                f"{self.path.name} takes N x 3 x H x W images (RGB, gray repeated), not an "
-                f"array of shape {tuple(x.shape)}."
-            )
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ExportError(
-                f"{self.path.name} takes float images in [0, 1], not {x.dtype} (divide uint8 "
-                "pixels by 255)."
-            )
-        size = self.image_size
-        if self.task != "segmentation" and x.shape[-2:] != (size, size):
-            raise ExportError(
-                f"{self.path.name} takes {size}x{size} images, not {x.shape[2]}x{x.shape[3]}: "
-                "resize them first (as medx.data.transforms.ImageTransform does)."
-            )
-
-
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -580,7 +491,11 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="a medx checkpoint (.ckpt): classifier or segmenter")
+    p.add_argument(
+        "checkpoint",
+        metavar="MODEL",
+        help="a medx checkpoint (.ckpt) or models:/NAME/VERSION|@ALIAS: classifier or segmenter",
+    )
     p.add_argument("--out", type=Path, help="the .onnx file (default: CKPT with .onnx)")
     p.add_argument(
         "--check-images",
@@ -598,6 +513,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Exported:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from medx.cli import user_errors
+
     with user_errors("medx.export"):
         done = export(
             args.checkpoint,

@@ -1,12 +1,15 @@
-"""`python -m medx.score FOLDER --checkpoint QC_CKPT`: screen images with a quality model.
+"""`python -m medx.score QC_MODEL FOLDER`: screen images with a quality model.
 
 Why: before training on a new data set, find the blurred, noisy, burnt-out or over-compressed
 images. The CSV holds every feature (so a threshold can be revisited without rescoring), the
 probability that the image is bad, and an error message for files that cannot be scored.
 
-Either model of the `data=quality` sweep scores, opened by `medx.models.load` from its
-checkpoint alone: the feature baseline (`model=quality_logreg`) from the features, or a CNN
-from the image at the size it was trained at (its model card), exactly as in testing.
+Either model of the `data=quality` sweep scores (a checkpoint, a `models:/` URI or an ONNX
+export of a CNN), through the quality gate of `medx.inference`, which `medx.predict --qc`
+and `medx.serve --qc` use too: the feature baseline (`model=quality_logreg`) from the
+features, or a CNN from the image at the size it was trained at (its model card), exactly as
+in testing. The model is given first, as to every medx command that uses one;
+`FOLDER --checkpoint QC_MODEL` still works.
 """
 
 from __future__ import annotations
@@ -14,71 +17,36 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-from rich.progress import track
-
-from medx.cli import user_errors
-from medx.data.io import IMAGE_SUFFIXES, find_images, read_gray
-from medx.data.transforms import ImageTransform
-from medx.errors import DataError, MedxError
-from medx.models.load import load
-from medx.quality.features import FEATURES, image_features
-
 log = logging.getLogger(__name__)
-
-# p_bad of one image from its gray uint8 pixels and its feature vector
-Scorer = Callable[[np.ndarray, np.ndarray], float]
-
-
-def load_scorer(checkpoint: Path) -> Scorer:
-    """The scorer of a quality checkpoint (the baseline's or a CNN's), told by its card."""
-    model = load(checkpoint)
-    classes = model.card.get("class_names") or list(getattr(model.hparams, "class_names", []))
-    if model.task != "classification" or list(classes) != ["good", "bad"]:
-        name = (model.card.get("data") or {}).get("name")
-        raise DataError(
-            f"{checkpoint} was trained on data={name} (classes {classes}); the score command "
-            "needs a model trained with data=quality (classes good, bad)."
-        )
-    if model.inputs == "features":
-        if list(model.feature_names) != list(FEATURES):
-            raise DataError(
-                f"{checkpoint} was trained on features {model.feature_names}; this medx "
-                f"computes {list(FEATURES)}. Retrain the baseline (model=quality_logreg)."
-            )
-
-        def from_features(gray: np.ndarray, features: np.ndarray) -> float:
-            return _p_bad(model, torch.as_tensor(features, dtype=torch.float32)[None])
-
-        return from_features
-    transform = ImageTransform(int(model.card["input"]["image_size"]), "none")
-
-    def from_image(gray: np.ndarray, features: np.ndarray) -> float:
-        return _p_bad(model, transform(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))[None])
-
-    return from_image
-
-
-@torch.inference_mode()
-def _p_bad(model: torch.nn.Module, x: torch.Tensor) -> float:
-    return float(torch.softmax(model(x).float(), 1)[0, 1])
 
 
 def score_folder(
     folder: Path,
-    checkpoint: Path,
+    checkpoint: str | Path,
     out: Path,
     threshold: float = 0.5,
     progress: bool = True,
 ) -> Path:
-    """Write `out` (CSV): path, every feature, p_bad, verdict, error; return `out`."""
-    scorer = load_scorer(checkpoint)
-    paths = find_images(folder)
+    """Write `out` (CSV): path, every feature, p_bad, verdict, error; return `out`.
+
+    Args:
+        folder: images to screen (searched recursively).
+        checkpoint: the quality model (checkpoint, `models:/` URI or .onnx).
+        out: the CSV file.
+        threshold: p_bad at or above which an image is "bad".
+        progress: show a progress bar.
+    """
+    from rich.progress import track
+
+    from medx.data.io import IMAGE_SUFFIXES, find_images
+    from medx.errors import DataError, MedxError
+    from medx.inference import QualityGate, read
+    from medx.quality.features import FEATURES
+
+    gate = QualityGate.from_checkpoint(checkpoint, threshold)
+    paths = find_images(Path(folder))
     if not paths:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, or DICOM).")
     out = Path(out)
@@ -90,38 +58,52 @@ def score_folder(
         steps = track(paths, description="Scoring") if progress else paths
         for path in steps:
             try:
-                gray = read_gray(path)
-                values = image_features(gray)
+                image = read(path)
             except MedxError as err:
                 failed += 1
-                message = str(err) if str(path) in str(err) else f"{path}: {err}"
-                log.warning("%s", message)
-                writer.writerow([path, *[""] * len(FEATURES), "", "", message])
+                log.warning("%s", err)
+                writer.writerow([path, *[""] * len(FEATURES), "", "", str(err)])
                 continue
-            p_bad = scorer(gray, values)
-            verdict = "bad" if p_bad >= threshold else "good"
-            writer.writerow([path, *(f"{v:.6g}" for v in values), f"{p_bad:.4f}", verdict, ""])
+            quality = gate.judge(image)
+            values = (f"{v:.6g}" for v in gate.features(image))
+            writer.writerow([path, *values, f"{quality.p_bad:.4f}", quality.verdict, ""])
     log.info("Scored %d images (%d failed) into %s", len(paths), failed, out)
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m medx.score", description=__doc__)
-    parser.add_argument("folder", type=Path, help="images to screen (searched recursively)")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        required=True,
-        help="a checkpoint (.ckpt) of a data=quality run: model=quality_logreg or a CNN",
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m medx.score",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("quality_scores.csv"))
-    parser.add_argument("--threshold", type=float, default=0.5, help="p_bad at or above: bad")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="[QC_MODEL] FOLDER",
+        help="a data=quality model (checkpoint, models:/ URI or .onnx: model=quality_logreg "
+        "or a CNN), then the folder of images to screen (searched recursively)",
+    )
+    p.add_argument("--checkpoint", help="the quality model, when not given first")
+    p.add_argument("--out", type=Path, default=Path("quality_scores.csv"))
+    p.add_argument("--threshold", type=float, default=0.5, help="p_bad at or above: bad")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    wanted = 1 if args.checkpoint else 2
+    if len(args.paths) != wanted:
+        p.error("give QC_MODEL FOLDER, or FOLDER --checkpoint QC_MODEL")
+    model = args.checkpoint or args.paths[0]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from medx.cli import user_errors
+
     with user_errors("medx.score"):
         out = score_folder(
-            args.folder, args.checkpoint, args.out, args.threshold, not args.no_progress
+            Path(args.paths[-1]), model, args.out, args.threshold, not args.no_progress
         )
     print(out)
 

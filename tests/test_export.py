@@ -19,18 +19,18 @@ from medx.data.io import read_image
 from medx.export import (
     CheckError,
     ExportError,
-    OnnxModel,
     as_batch,
     check_images,
     export,
     export_model,
-    pad_to_stride,
+    set_metadata,
     verify,
 )
 from medx.export import main as export_main
+from medx.inference import OnnxModel, OnnxModelError, Predictor, find_inputs, predict_mask
+from medx.inference.onnx_model import pad_to_stride
 from medx.models.classifier import ClassificationModule
 from medx.models.load import load
-from medx.predict import classify, find_inputs, predict_mask
 from medx.train import train
 
 
@@ -86,11 +86,20 @@ def test_a_classifier_export_agrees_with_pytorch_carries_its_card_and_lands_in_i
     props = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
     assert props["medx.class_names"] == card["class_names"]
     assert props["medx.temperature"] == card["calibration"]["temperature"]
+    # the threshold says its scale (the card's: raw softmax); files from before still read
+    threshold = card["operating_point"]["threshold"]
+    assert props["medx.threshold"] == {"value": threshold, "scale": "raw"}
+    assert onnx_model.threshold_scale == "raw"
+    older = onnx.load(str(out))
+    set_metadata(older, {"medx.threshold": threshold})
+    onnx.save(older, str(tmp_path / "older.onnx"))
+    old = OnnxModel(tmp_path / "older.onnx")
+    assert (old.threshold, old.threshold_scale) == (threshold, "raw")
 
-    # medx.predict's own calibrated probabilities take the ONNX model in place of the module
-    temperature = onnx_model.temperature
-    probs = classify(onnx_model, x, temperature, tta=False)
-    assert torch.allclose(probs, classify(model, x, temperature, tta=False), atol=1e-5)
+    # the inference core's calibrated probabilities take the ONNX model in place of the module
+    assert Predictor(onnx_model).temperature == onnx_model.temperature
+    probs = Predictor(onnx_model).probabilities(x)
+    assert torch.allclose(probs, Predictor(model).probabilities(x), atol=1e-5)
 
     # logged to the training run, which had finished
     assert run.info.status == "FINISHED"
@@ -99,9 +108,9 @@ def test_a_classifier_export_agrees_with_pytorch_carries_its_card_and_lands_in_i
     tags = mlflow_client.get_run(run.info.run_id).data.tags
     assert tags["medx.onnx"] == "onnx/model.onnx"
 
-    with pytest.raises(ExportError, match="takes 64x64 images, not 96x96"):
+    with pytest.raises(OnnxModelError, match="takes 64x64 images, not 96x96"):
         onnx_model(torch.rand(1, 3, 96, 96))
-    with pytest.raises(ExportError, match="float images in"):
+    with pytest.raises(OnnxModelError, match="float images in"):
         onnx_model(np.zeros((1, 3, 64, 64), np.uint8))
 
     # a tampered file fails the check, naming itself and the difference
@@ -164,7 +173,7 @@ def test_a_unet_export_agrees_at_other_sizes_and_pads_like_its_contract(
     with pytest.raises(CheckError, match=r"unet\.onnx disagrees.*export is right.*--tolerance"):
         verify(model, out, images, described, tolerance=0.0)
 
-    # medx.predict's mask function takes the ONNX model in place of the module
+    # the inference core's mask function takes the ONNX model in place of the module
     image = read_image(files[0])
     masks = [predict_mask(m, image, model.threshold) for m in (model, onnx_model)]
     assert masks[0].shape == image.shape[:2]
@@ -182,7 +191,7 @@ def test_bad_inputs_get_one_line_naming_the_file(tmp_path: Path):
 
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07not a model")
-    with pytest.raises(ExportError, match=r"garbage\.onnx cannot be opened by onnxruntime"):
+    with pytest.raises(OnnxModelError, match=r"garbage\.onnx cannot be opened by onnxruntime"):
         OnnxModel(garbage)
     model = ClassificationModule("test_resnet", num_classes=2)
     with pytest.raises(ExportError, match="--opset 23: the TorchScript exporter writes opsets"):
@@ -190,7 +199,7 @@ def test_bad_inputs_get_one_line_naming_the_file(tmp_path: Path):
     foreign = tmp_path / "foreign.onnx"
     with pytest.warns(DeprecationWarning):
         torch.onnx.export(torch.nn.Linear(3, 2), (torch.rand(1, 3),), str(foreign), dynamo=False)
-    with pytest.raises(ExportError, match=r"foreign\.onnx is an ONNX model but not a medx"):
+    with pytest.raises(OnnxModelError, match=r"foreign\.onnx is an ONNX model but not a medx"):
         OnnxModel(foreign)
 
 

@@ -16,8 +16,8 @@ from omegaconf import open_dict
 
 from medx.data.io import read_image
 from medx.data.transforms import ImageTransform
+from medx.inference import Predictor
 from medx.models.load import load
-from medx.predict import classify
 from medx.predict import main as predict_main
 from medx.quality.degradations import gaussian_blur
 from medx.train import train
@@ -169,7 +169,8 @@ def test_quality_gate_flags_degraded_copies_and_tta_uses_its_own_threshold(
     assert "no operating point chosen on validation with TTA" in caplog.text
     model = load(ckpt)
     x = torch.stack([ImageTransform(64)(read_image(p)) for p in sorted(images.iterdir())])
-    plain, averaged = classify(model, x, 1.0, tta=False), classify(model, x, 1.0, tta=True)
+    raw = Predictor(model, calibrated=False)
+    plain, averaged = raw.probabilities(x), raw.configured(tta=True).probabilities(x)
     assert not torch.equal(plain, averaged)  # the views were really applied
     assert torch.allclose(averaged.sum(1), torch.ones(len(x)))  # a mean of probabilities
 

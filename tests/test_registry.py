@@ -38,7 +38,8 @@ from medx import predict, ui
 from medx.cli import user_error
 from medx.config import compose
 from medx.errors import CheckpointError, ConfigError, MedxError
-from medx.models.load import load, model_card, read_checkpoint
+from medx.inference import open_model
+from medx.models.load import model_card, read_checkpoint
 from medx.tracking import registry, runs
 from medx.train import train
 
@@ -126,6 +127,7 @@ def assert_same_answers(answers: pd.DataFrame, rows: list[dict]) -> None:
         assert got["predicted"] == want["predicted"]
         assert got["decision"] == want["decision"]
         assert got["threshold"] == pytest.approx(float(want["threshold"]), abs=1e-6)
+        assert got["threshold_scale"] == want["threshold_scale"] == "calibrated"
         assert got["error"] == ""
 
 
@@ -151,6 +153,7 @@ def test_training_registers_the_tested_model_with_its_card_and_signature(
         registered.metrics["test/temperature"]
     )
     assert version.tags["medx.threshold"] == str(card["operating_point"]["threshold"])
+    assert version.tags["medx.threshold_scale"] == card["operating_point"]["scale"] == "raw"
     info = mlflow.models.get_model_info(f"models:/{NAME}/1")
     assert info.metadata["medx"]["operating_point"] == card["operating_point"]
     assert info.metadata["medx"]["calibration"] == card["calibration"]
@@ -164,7 +167,8 @@ def test_training_registers_the_tested_model_with_its_card_and_signature(
     assert info.flavors["python_function"]["loader_module"].endswith(".code_model")
     assert "python_model" not in info.flavors["python_function"]
 
-    registered_weights = read_checkpoint(f"models:/{NAME}/1")["state_dict"]
+    registered_weights = read_checkpoint(registry.resolve_model_uri(f"models:/{NAME}/1"))
+    registered_weights = registered_weights["state_dict"]
     selected_weights = read_checkpoint(registered.checkpoint)["state_dict"]
     assert registered_weights.keys() == selected_weights.keys()
     for key, tensor in selected_weights.items():
@@ -212,7 +216,7 @@ def test_models_uris_open_wherever_a_checkpoint_is_taken(
     registered: Registered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     MlflowClient(registered.store).set_registered_model_alias(NAME, "champion", "1")
-    model = load(f"models:/{NAME}@champion")
+    model = open_model(f"models:/{NAME}@champion")
     assert model.card["registered_as"] == NAME and model.card["registered_version"] == "1"
     assert model.card["checkpoint"] == f"models:/{NAME}@champion"
     assert model.card["run"]["id"] == registered.run_id
@@ -242,7 +246,7 @@ def test_models_uris_that_name_nothing_say_what_exists(
     with pytest.raises(CheckpointError, match=rf"models:/{NAME}/7 .* has versions \['1'\]"):
         registry.resolve_model_uri(f"models:/{NAME}/7")
     with pytest.raises(CheckpointError, match=r"no registered model 'nobody'.*register_as"):
-        load("models:/nobody/1")
+        open_model("models:/nobody/1")
     with pytest.raises(CheckpointError, match=r"@nope .* aliases"):
         registry.resolve_model_uri(f"models:/{NAME}@nope")
     with pytest.raises(ConfigError, match=r"models:/NAME/VERSION .* models:/NAME@ALIAS"):
@@ -251,7 +255,7 @@ def test_models_uris_that_name_nothing_say_what_exists(
         predict.main(["models:/nobody/1", str(registered.images[0])])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/typo.db")
     with pytest.raises(MedxError, match=r"typo.db does not exist \(nothing created\)"):
-        load(f"models:/{NAME}/1")
+        open_model(f"models:/{NAME}/1")
     assert not (tmp_path / "typo.db").exists()
 
 

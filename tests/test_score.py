@@ -17,9 +17,9 @@ from omegaconf import open_dict
 
 from medx.data.io import read_image
 from medx.errors import DataError
+from medx.inference import QualityGate
 from medx.models.load import load
 from medx.quality.features import FEATURES
-from medx.score import load_scorer
 from medx.train import train
 
 
@@ -43,9 +43,9 @@ def test_cnn_checkpoint_scores_a_real_folder_as_in_testing(make_cfg, medx_data, 
         image, _ = datamodule.test_dataloader().dataset[clean]
         expected = float(torch.softmax(model(image[None]), 1)[0, 1])
 
-    done = subprocess.run(
-        [sys.executable, "-m", "medx.score", str(folder), "--no-progress",
-         "--checkpoint", str(checkpoint), "--out", str(tmp_path / "scores.csv")],
+    done = subprocess.run(  # the model first, as every medx command takes it
+        [sys.executable, "-m", "medx.score", str(checkpoint), str(folder), "--no-progress",
+         "--out", str(tmp_path / "scores.csv")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -63,11 +63,12 @@ def test_cnn_checkpoint_scores_a_real_folder_as_in_testing(make_cfg, medx_data, 
     moved = tmp_path / "elsewhere" / "model.ckpt"
     moved.parent.mkdir()
     shutil.copy(checkpoint, moved)
-    gray = cv2.cvtColor(read_image(source), cv2.COLOR_RGB2GRAY)
-    assert load_scorer(moved)(gray, np.zeros(len(FEATURES))) == pytest.approx(expected, abs=1e-4)
+    assert QualityGate.from_checkpoint(moved).p_bad(read_image(source)) == pytest.approx(
+        expected, abs=1e-4
+    )
     other = make_cfg("trainer.max_epochs=1", "test=false", "logger=none")
     with open_dict(other):
         other.paths.output_dir = str(tmp_path / "other")
     train(other)
     with pytest.raises(DataError, match="needs a model trained with data=quality"):
-        load_scorer(tmp_path / "other" / "checkpoints" / "last.ckpt")
+        QualityGate.from_checkpoint(tmp_path / "other" / "checkpoints" / "last.ckpt")

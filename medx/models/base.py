@@ -29,6 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from medx.errors import ConfigError
+from medx.models.card import CARD_KEY, InputSpec, ModelCard
 from medx.models.schedulers import optimizer_config
 from medx.models.strategy import Strategy
 
@@ -38,8 +39,7 @@ Optimizer = Callable[..., torch.optim.Optimizer]
 Scheduler = Callable[[torch.optim.Optimizer], Any]
 
 
-CARD_KEY = "medx"  # where a checkpoint keeps the model card
-CARD_FORMAT = 1
+__all__ = ["CARD_KEY", "MedxModule", "TransferModule", "compile_errors", "declared_inputs"]
 
 
 def declared_inputs(model_target: str) -> str:
@@ -77,13 +77,22 @@ class MedxModule(L.LightningModule):
     def std(self) -> tuple[float, ...]:
         return tuple(self.input_std.flatten().tolist())
 
+    @property
+    def model_card(self) -> ModelCard:
+        """`card`, typed (a fresh copy: change `card` to change what is saved)."""
+        return ModelCard.from_dict(self.card)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        card = deepcopy(self.card)
-        card.update(format=CARD_FORMAT, task=self.task, inputs=self.inputs)
-        card["module"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        """The card as `ModelCard` writes it (schema version, threshold scales, credentials
+        redacted), with what the module itself knows: task, inputs, class, normalisation."""
+        card = ModelCard.from_dict(self.card)
+        card.task, card.inputs = self.task, self.inputs
+        card.module = f"{type(self).__module__}.{type(self).__qualname__}"
+        card.checkpoint = None  # where one copy was opened from is no property of the model
         if self.inputs == "image":
-            card.setdefault("input", {}).update(mean=list(self.mean), std=list(self.std))
-        checkpoint[CARD_KEY] = card
+            card.input = card.input or InputSpec()
+            card.input.mean, card.input.std = list(self.mean), list(self.std)
+        checkpoint[CARD_KEY] = card.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.card = deepcopy(checkpoint.get(CARD_KEY) or {})

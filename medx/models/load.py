@@ -5,6 +5,9 @@ card under `checkpoint["medx"]`), so loading touches neither `model.weights`, no
 `model.pretrained` (no download), nor the network, nor the run directory. Files are read with
 `torch.load(weights_only=True)`: a checkpoint carrying a pickled object is refused, and the
 object never runs. Only medx's own module classes are built, chosen from a fixed table.
+
+Local files only: a registered model (`models:/NAME/VERSION`) is resolved to its checkpoint by
+`medx.tracking.registry` (MLflow code stays out of `medx.models`); `medx.inference` opens both.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch
 
 from medx.errors import CheckpointError
 from medx.models.backbones import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
-from medx.models.base import CARD_KEY, MedxModule
+from medx.models.base import MedxModule
+from medx.models.card import CARD_KEY, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,11 @@ def _module_classes() -> dict[str, type[MedxModule]]:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents (plain tensors and values only), or a CheckpointError that
     names the file and says what is wrong with it."""
-    if str(path).startswith("models:/"):  # a registered model: its checkpoint, cached
-        from medx.tracking.registry import resolve_model_uri
-
-        path = resolve_model_uri(path)
+    if str(path).startswith("models:/"):
+        raise CheckpointError(
+            f"{path} is a registered model URI: open it with medx.inference (or resolve it "
+            "with medx.tracking.registry.resolve_model_uri) rather than as a file."
+        )
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path.")
@@ -90,15 +95,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_card(path: str | Path) -> dict[str, Any]:
-    """The model card of a checkpoint (task, classes, input, run, operating point, ...)."""
+    """The model card of a checkpoint (task, classes, input, run, operating point, ...), in
+    its stored form; `ModelCard.from_dict` types it."""
     ckpt = read_checkpoint(path)
     return card_of(ckpt)
 
 
 def card_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    card = deepcopy(dict(ckpt.get(CARD_KEY) or {}))
-    card.setdefault("module", _legacy_module(ckpt["hyper_parameters"]))
-    return card
+    """The checkpoint's card as `ModelCard` reads it (any schema, or none), stored form; the
+    module class of a checkpoint from before the card is told by its hyper-parameters."""
+    card = ModelCard.from_dict(ckpt.get(CARD_KEY))
+    card.module = card.module or _legacy_module(ckpt["hyper_parameters"])
+    return card.to_dict()
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> MedxModule:
@@ -126,16 +134,19 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> MedxModu
         )
     model.on_load_checkpoint(ckpt)
     model.card = card
-    model.card.setdefault("checkpoint", str(path))
+    model.card["checkpoint"] = str(path)
     return model.to(map_location).eval()
 
 
 def update_card(path: str | Path, **entries: Any) -> None:
     """Add entries to a checkpoint's card (e.g. the operating point chosen after training),
-    written atomically: a crash leaves the old file whole."""
+    written by `ModelCard` (schema version, scales, redaction) and atomically: a crash leaves
+    the old file whole."""
     path = Path(path)
     ckpt = read_checkpoint(path)
-    ckpt.setdefault(CARD_KEY, {}).update(deepcopy(entries))
+    raw = dict(ckpt.get(CARD_KEY) or {})
+    raw.update(deepcopy(entries))
+    ckpt[CARD_KEY] = ModelCard.from_dict(raw).to_dict()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -8,13 +8,16 @@ import sys
 from dataclasses import replace
 
 from medx.cli import user_errors
-from medx.serve.settings import from_args
+from medx.serve.settings import from_parsed, parser
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with user_errors("medx.serve"):
-        settings = from_args(argv)
+        flags = parser()  # its defaults are MEDX_SERVE_* variables: a bad one is one line
+    args = flags.parse_args(argv)  # --help answers here, before anything heavy is imported
+    with user_errors("medx.serve"):
+        settings = from_parsed(args)
         settings.check_files()
     if settings.workers > 1 and not settings.threads:  # N processes must share the cores
         settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // settings.workers))

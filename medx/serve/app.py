@@ -6,6 +6,10 @@ thread started at start-up, so the server answers `/health` at once and `/ready`
 until the model (and its warm-up pass) is ready; requests for predictions meanwhile get 503
 with a Retry-After. Decoding and inference run in worker threads, at most `cpu_count` at a
 time, never on the event loop, which keeps serving health checks and reading uploads.
+
+Every answer has a pydantic model (`PredictAnswer`, `MetadataAnswer`, ..., `ErrorAnswer` for
+every refusal), so /docs shows the real JSON. The work itself is `medx.inference`'s
+(`medx.serve.model`): this module only carries requests and answers.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
@@ -33,13 +37,7 @@ from medx.errors import MedxError
 from medx.serve.docs import install_docs
 from medx.serve.limits import Guard, Refused, error_body, error_response
 from medx.serve.settings import Settings
-from medx.serve.uploads import (
-    Upload,
-    decode,
-    receive_upload,
-    temporary_folder,
-    warm_up_decoding,
-)
+from medx.serve.uploads import read_upload, receive_upload, temporary_folder, warm_up_decoding
 
 log = logging.getLogger("medx.serve")
 
@@ -62,6 +60,123 @@ _UPLOAD = {  # the request body of /predict and /segment, for /docs (parsed by u
             }
         },
     }
+}
+
+Scale = Literal["raw", "calibrated"]
+
+
+# --- the answers, as /docs shows them ---------------------------------------------------------
+
+
+class ErrorAnswer(BaseModel):
+    """Every refusal and error: the HTTP status, its reason phrase, and what to do."""
+
+    status: int = Field(examples=[422])
+    error: str = Field(examples=["Unprocessable Content"])
+    message: str = Field(examples=["Image 'cut.jpeg' is truncated (...). Send the complete ..."])
+
+
+class ModelInfo(BaseModel):
+    """Which model answered: name, version (registered, else a digest of the file), run."""
+
+    id: str = Field(description="NAME@RUN, as medx.predict's `model` column")
+    name: str
+    version: str | None
+    run_id: str | None
+    task: str | None
+    backend: Literal["pytorch", "onnxruntime"]
+
+
+class DecisionAnswer(BaseModel):
+    """A binary model's decision at its threshold, on the probabilities' scale."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class", description="the class decided")
+    threshold: float
+    scale: Scale = Field(description="the threshold's probability scale")
+    source: str = Field(description="where the threshold came from")
+
+
+class QualityAnswer(BaseModel):
+    """The quality gate's verdict (--qc); a refused image is not classified."""
+
+    verdict: Literal["good", "bad"]
+    p_bad: float
+    threshold: float
+    refused: bool
+    reason: str | None
+
+
+class PredictTiming(BaseModel):
+    upload: float
+    decode: float
+    queue: float
+    inference: float
+    total: float
+
+
+class PredictAnswer(BaseModel):
+    """POST /predict: the answer for one image."""
+
+    file: str = Field(description="the uploaded file's name")
+    type: Literal["jpeg", "png", "dicom"] = Field(description="told from its bytes")
+    size: list[int] = Field(description="[width, height] in pixels")
+    predicted: str | None = Field(description="the most probable class (null: refused)")
+    probabilities: dict[str, float] | None = Field(description="per class, on `scale`")
+    decision: DecisionAnswer | None = Field(description="null: the model has no threshold")
+    temperature: float
+    scale: Scale = Field(description="the probabilities' scale")
+    quality: QualityAnswer | None = Field(description="null: no quality model (--qc)")
+    gradcam_png: str | None = Field(None, description="with explain=true: base64 PNG overlay")
+    model: ModelInfo
+    timing_ms: PredictTiming
+
+
+class DecisionRuleAnswer(BaseModel):
+    """The threshold the service decides at, on the scale of the probabilities it reports
+    (the card's operating point is stored on the raw scale, labelled so in `card`)."""
+
+    threshold: float
+    scale: Scale
+    source: str
+
+
+class Limits(BaseModel):
+    max_bytes: int
+    max_pixels: int
+    types: list[str]
+    token_required: bool
+
+
+class MetadataAnswer(BaseModel):
+    """GET /metadata: the model card (no training config, no local paths, no credentials)."""
+
+    model: ModelInfo
+    card: dict[str, Any]
+    decision: DecisionRuleAnswer | None
+    limits: Limits
+
+
+class ReadyAnswer(BaseModel):
+    ready: bool
+    model: ModelInfo
+
+
+class HealthAnswer(BaseModel):
+    status: Literal["alive"]
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorAnswer, "description": text}
+    for code, text in (
+        (400, "the wrong endpoint for this model, or explain=true on ONNX"),
+        (401, "a bearer token is required"),
+        (413, "too many bytes or pixels"),
+        (415, "not a JPEG, PNG or DICOM file"),
+        (422, "an unreadable image or a malformed request"),
+        (503, "the model is loading, or could not be loaded"),
+    )
 }
 
 
@@ -138,50 +253,64 @@ def create_app(settings: Settings) -> FastAPI:
     install_docs(app)
     _add_error_handlers(app)
 
-    async def _decode(upload: Upload, intensity: str) -> np.ndarray:
-        return await anyio.to_thread.run_sync(
-            decode, upload, settings.max_pixels, intensity, limiter=work
-        )
-
-    @app.get("/health", summary="The process is alive")
+    @app.get("/health", summary="The process is alive", response_model=HealthAnswer)
     async def health() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/ready", summary="The model is loaded (503 until then)")
-    async def ready() -> JSONResponse:
+    @app.get(
+        "/ready",
+        summary="The model is loaded (503 until then)",
+        response_model=ReadyAnswer,
+        responses={503: _ERRORS[503]},
+    )
+    async def ready() -> Any:
         try:
             model = slot.get()
         except Refused as err:
             return JSONResponse({"ready": False, **error_body(503, err.message)}, 503)
-        return JSONResponse({"ready": True, "model": model.info})
+        return {"ready": True, "model": model.info}
 
-    @app.get("/metadata", summary="The model card (without its training config)")
+    @app.get(
+        "/metadata",
+        summary="The model card (without its training config or local paths)",
+        response_model=MetadataAnswer,
+        responses={k: _ERRORS[k] for k in (401, 503)},
+    )
     async def metadata() -> dict[str, Any]:
         model = slot.get()
-        card = {k: v for k, v in model.card.items() if k != "config"}
-        return {"model": model.info, "card": card, "limits": _limits(settings)}
+        return {
+            "model": model.info,
+            "card": model.card.public_dict(),
+            "decision": model.decision,
+            "limits": _limits(settings),
+        }
 
-    @app.post("/predict", summary="Classify one image", openapi_extra=_UPLOAD)
+    @app.post(
+        "/predict",
+        summary="Classify one image",
+        openapi_extra=_UPLOAD,
+        response_model=PredictAnswer,
+        responses=_ERRORS,
+    )
     async def predict(request: Request, explain: bool = False) -> dict[str, Any]:
-        """Calibrated probabilities, the decision at the operating point, the quality verdict
-        (with --qc); `explain=true` adds the Grad-CAM overlay as a base64 PNG."""
+        """Calibrated probabilities, the decision at the operating point (with its scale),
+        the quality verdict (with --qc); `explain=true` adds the Grad-CAM overlay as a base64
+        PNG."""
         start = time.perf_counter()
         model = slot.get()
         with temporary_folder() as folder:
             upload = await receive_upload(request, Path(folder))
             received = time.perf_counter()
-            image = await _decode(upload, model.intensity)
-            raw = await _decode(upload, "none") if model.needs_raw(explain) else None
-            decoded = time.perf_counter()
-            answer = await anyio.to_thread.run_sync(
-                model.classify, image, explain, raw, limiter=work
+            prepared = await anyio.to_thread.run_sync(
+                read_upload, upload, lambda p, n: model.prepare(p, n, explain), limiter=work
             )
+            decoded = time.perf_counter()
+            answer = await anyio.to_thread.run_sync(model.classify, prepared, explain, limiter=work)
         timing = answer.pop("timing_ms")
         done = time.perf_counter()
         return {
             "file": upload.name,
             "type": upload.kind,
-            "size": [int(image.shape[1]), int(image.shape[0])],
             **answer,
             "model": model.info,
             "timing_ms": {
@@ -197,14 +326,16 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Segment one image: the mask as PNG (0/255, at the image's size)",
         openapi_extra=_UPLOAD,
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={200: {"content": {"image/png": {}}}, **_ERRORS},
     )
     async def segment(request: Request) -> Response:
         start = time.perf_counter()
         model = slot.get()
         with temporary_folder() as folder:
             upload = await receive_upload(request, Path(folder))
-            image = await _decode(upload, model.intensity)
+            image = await anyio.to_thread.run_sync(
+                read_upload, upload, model.read_for_mask, limiter=work
+            )
             mask = await anyio.to_thread.run_sync(model.segment, image, limiter=work)
         png = await anyio.to_thread.run_sync(_png, mask, limiter=work)
         headers = {

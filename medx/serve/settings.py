@@ -155,7 +155,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def from_args(argv: list[str] | None = None) -> Settings:
-    args = parser().parse_args(argv)
+    """The settings of a command line (flags over `MEDX_SERVE_*` over defaults)."""
+    return from_parsed(parser().parse_args(argv))
+
+
+def from_parsed(args: argparse.Namespace) -> Settings:
+    """The settings of parsed flags (ConfigError naming a bad one)."""
     return Settings(
         model=str(args.model),
         host=args.host,

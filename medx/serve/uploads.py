@@ -1,17 +1,19 @@
-"""From a multipart request to decoded pixels, by the readers `medx.predict` uses.
+"""From a multipart request to decoded pixels, by the inference core's reader.
 
 The upload (form field `file`) is written to a temporary file named by the type its bytes
-show (`upload.jpg`, `upload.png`, `upload.dcm`), and read with `medx.predict.read_checked`:
-the header's pixel count is judged before anything is decoded, then `medx.data.io` decodes it
-exactly as for a file on disk (DICOM's pixel pipeline included), so the service and
-`medx.predict` see the same pixels. Their errors name a temporary path and speak of training
-options; here they name the upload and say what to send instead.
+show (`upload.jpg`, `upload.png`, `upload.dcm`), and read by `medx.inference` as any file on
+disk: the declared pixel count is judged before anything is decoded, then the file is decoded
+(DICOM's pixel pipeline included) with the model's intensity step, so the service and
+`medx.predict` see the same pixels. Errors name the upload, not a temporary path, and say what
+to send instead (413 for too many pixels, 422 for an unreadable file).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from medx.data.io import BadImageError, with_hint
+from medx.data.io import BadImageError
 from medx.serve.limits import SNIFF_BYTES, Refused, sniff, unsupported_type
 
 FIELD = "file"
@@ -80,35 +82,42 @@ async def _copy(part: UploadFile, out: BinaryIO) -> None:
     await run_in_threadpool(shutil.copyfileobj, part.file, out, 1 << 20)
 
 
-def decode(upload: Upload, max_pixels: int, intensity: str = "none") -> np.ndarray:
-    """HxWx3 uint8 RGB pixels, with the model's per-image `intensity` step as medx.predict
-    applies it; Refused 413 (too many pixels) or 422 (unreadable), naming the upload. Runs in
-    a worker thread (decoding is CPU work)."""
-    from medx.predict import pixel_count, read_checked
+@contextmanager
+def refusals(upload: Upload) -> Iterator[None]:
+    """The core's reading errors as the service's refusals, naming the upload: 413 for an
+    image over --max-pixels (refused before decoding), 422 for one that cannot be read."""
+    from medx.inference import PixelLimitError
 
-    pixels = pixel_count(upload.path)
-    if pixels is not None and pixels > max_pixels:
+    try:
+        yield
+    except PixelLimitError as err:
         raise Refused(
             413,
-            f"Image {upload.name!r} has {pixels / 1e6:.1f} megapixels, over the service's "
-            f"--max-pixels {max_pixels / 1e6:.1f} M: refused before decoding. Send it at a "
+            f"Image {upload.name!r} has {err.pixels / 1e6:.1f} megapixels, over the service's "
+            f"--max-pixels {err.limit / 1e6:.1f} M: refused before decoding. Send it at a "
             "lower resolution, or ask the operator to raise --max-pixels.",
-        )
-    try:
-        return read_checked(upload.path, max_pixels, intensity)
+        ) from err
     except BadImageError as err:
-        message = with_hint(err, "").replace(str(upload.path), repr(upload.name))
-        raise Refused(422, f"{message} {_SEND_ANOTHER}") from err
+        raise Refused(422, f"{err} {_SEND_ANOTHER}") from err
+
+
+def read_upload(upload: Upload, read: Callable[[Path, str], object]) -> object:
+    """`read(path, name)` (a core reader) on the upload, its errors turned into refusals.
+    Runs in a worker thread (decoding is CPU work)."""
+    with refusals(upload):
+        return read(upload.path, repr(upload.name))
 
 
 def warm_up_decoding() -> None:
     """Decode one small PNG, so the readers' lazy imports (PIL, pydicom) happen at start-up."""
     import cv2
 
+    from medx.inference import read
+
     with temporary_folder() as folder:
         path = Path(folder) / "upload.png"
         cv2.imwrite(str(path), np.zeros((32, 32), np.uint8))
-        decode(Upload("warm-up.png", "png", path), 32 * 32)
+        read(path, 32 * 32)
 
 
 def temporary_folder() -> tempfile.TemporaryDirectory:

@@ -3,19 +3,21 @@
 `logger.register_as=NAME` makes medx.train log the checkpoint it selected (and tested: the
 clinical evaluation has written the operating point and temperature into its card) as an MLflow
 pyfunc model in the training run, and register it as a new version of NAME. The pyfunc
-(`MedxModel`) takes images and answers as `medx.predict` does, so `mlflow models serve -m
-models:/NAME/1 --env-manager local` serves the same calibrated probabilities and decision.
+(`MedxModel`) is an adapter around `medx.inference` (the core `medx.predict` and `medx.serve`
+use too), so `mlflow models serve -m models:/NAME/1 --env-manager local` serves the same
+calibrated probabilities and decision as they do for the same image.
 
 Input: a DataFrame with one column `image` of binary file bytes (JPEG, PNG, BMP, TIFF, WebP or
 DICOM, sniffed from the bytes); over REST (`/invocations`) the bytes are base64 strings, which
 MLflow decodes by the signature. Bytes, not file paths: a server cannot see its clients' files.
 Output for classifiers: `p_<class>` per class (calibrated unless `params={"calibrated": false}`),
 `predicted`, and for binary models `decision` at the validation-chosen `threshold` (with its
-`threshold_source`), `temperature`, and `error` (empty, or why that row's image was refused).
+`threshold_scale` and `threshold_source`), `temperature`, and `error` (empty, or why that
+row's image was refused).
 Segmenters answer `mask` (PNG bytes, 0/255, at the image's size) and `foreground` (its share).
 
-`models:/NAME/VERSION` and `models:/NAME@ALIAS` are accepted wherever medx takes a checkpoint
-(`medx.models.load` calls `resolve_model_uri`): the version's checkpoint is downloaded once
+`models:/NAME/VERSION` and `models:/NAME@ALIAS` are accepted wherever medx takes a model
+(`medx.inference.open_model` calls `resolve_model_uri`): the version's checkpoint is downloaded once
 into a cache ($MEDX_MODEL_CACHE, default ~/.cache/medx/models) and carries the registered name
 and version in its card. The registry is $MLFLOW_REGISTRY_URI, else $MLFLOW_TRACKING_URI, else
 medx's default store (logger.tracking_uri).
@@ -27,6 +29,7 @@ import base64
 import hashlib
 import importlib.metadata
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,7 +43,6 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow import MlflowClient
@@ -49,7 +51,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from medx.errors import CheckpointError, ConfigError, MedxError
+from medx.errors import CheckpointError, ConfigError
+from medx.models.card import ModelCard
 from medx.tracking.runs import EpochMLFlowLogger
 
 log = logging.getLogger(__name__)
@@ -125,7 +128,7 @@ def log_and_register(checkpoint: Path, name: str, logger: MLFlowLogger) -> Model
     from medx.models.load import load
 
     model = load(checkpoint)
-    card = model.card
+    typed = ModelCard.from_dict(model.card)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / CHECKPOINT_FILE  # one file name in every registered model
         shutil.copyfile(checkpoint, copy)
@@ -134,15 +137,15 @@ def log_and_register(checkpoint: Path, name: str, logger: MLFlowLogger) -> Model
                 name=MODEL_NAME,
                 python_model=str(Path(__file__).with_name("pyfunc.py")),
                 artifacts={"checkpoint": str(copy)},
-                signature=signature(card, model),
-                input_example=_input_example(card),
+                signature=signature(typed, model),
+                input_example=_input_example(typed),
                 pip_requirements=requirements(),
-                metadata={"medx": {k: v for k, v in card.items() if k != "config"}},
+                metadata={"medx": typed.public_dict()},
                 registered_model_name=name,
             )
     client = MlflowClient(logger._tracking_uri)
     version = client.get_model_version(name, str(info.registered_model_version))
-    for key, value in _version_tags(card, checkpoint).items():
+    for key, value in _version_tags(typed, checkpoint).items():
         client.set_model_version_tag(name, version.version, key, value)
     client.set_tag(logger.run_id, "medx.registered_model", f"{name}/{version.version}")
     log.info(
@@ -169,12 +172,12 @@ def _in_run(logger: MLFlowLogger) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
-def signature(card: dict[str, Any], model: Any = None) -> ModelSignature:
+def signature(card: ModelCard, model: Any = None) -> ModelSignature:
     """Images in (binary file bytes), the medx.predict columns out; for classifiers `tta`
     and `calibrated` as parameters, like medx.predict's --tta and --no-calibration."""
     inputs = Schema([ColSpec("binary", "image")])
     error = ColSpec("string", "error")
-    if card.get("task") == "segmentation":
+    if card.task == "segmentation":
         outputs = [ColSpec("binary", "mask"), ColSpec("double", "foreground"), error]
         return ModelSignature(inputs=inputs, outputs=Schema(outputs))
     classes = _classes(card, model)
@@ -184,6 +187,7 @@ def signature(card: dict[str, Any], model: Any = None) -> ModelSignature:
         outputs += [
             ColSpec("string", "decision", required=False),
             ColSpec("double", "threshold", required=False),
+            ColSpec("string", "threshold_scale", required=False),
             ColSpec("string", "threshold_source", required=False),
         ]
     params = ParamSchema(
@@ -203,32 +207,32 @@ def requirements() -> list[str]:
     return found
 
 
-def _input_example(card: dict[str, Any]) -> pd.DataFrame:
+def _input_example(card: ModelCard) -> pd.DataFrame:
     """A gray gradient PNG at the model's input size: shows a client the request's shape."""
-    size = int((card.get("input") or {}).get("image_size") or 64)
+    size = int(card.image_size or 64)
     ramp = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))
     _, png = cv2.imencode(".png", ramp)
     return pd.DataFrame({"image": [png.tobytes()]})
 
 
-def _version_tags(card: dict[str, Any], checkpoint: Path) -> dict[str, str]:
-    op = card.get("operating_point") or {}
+def _version_tags(card: ModelCard, checkpoint: Path) -> dict[str, str]:
+    op = card.operating_point
     tags = {
-        "medx.task": str(card.get("task", "")),
-        "medx.classes": ",".join(map(str, card.get("class_names") or [])),
+        "medx.task": str(card.task or ""),
+        "medx.classes": ",".join(card.class_names),
         "medx.checkpoint": str(checkpoint),
-        "medx.temperature": str((card.get("calibration") or {}).get("temperature", 1.0)),
+        "medx.temperature": str(card.temperature),
     }
-    if op.get("threshold") is not None:
-        tags["medx.threshold"] = str(op["threshold"])
-        tags["medx.target_sensitivity"] = str(op.get("target_sensitivity"))
+    if op is not None:
+        tags["medx.threshold"] = str(op.threshold)
+        tags["medx.threshold_scale"] = op.scale
+        tags["medx.target_sensitivity"] = str(op.target_sensitivity)
     return {k: v for k, v in tags.items() if v}
 
 
-def _classes(card: dict[str, Any], model: Any = None) -> list[str]:
-    names = card.get("class_names")
-    if names:
-        return [str(c) for c in names]
+def _classes(card: ModelCard, model: Any = None) -> list[str]:
+    if card.class_names:
+        return list(card.class_names)
     return [str(i) for i in range(int(model.hparams.num_classes))] if model else ["0", "1"]
 
 
@@ -236,16 +240,16 @@ def _classes(card: dict[str, Any], model: Any = None) -> list[str]:
 
 
 class MedxModel(mlflow.pyfunc.PythonModel):
-    """A medx checkpoint as an MLflow pyfunc: file bytes in, medx.predict's answer out.
-
-    Each image goes through medx.predict's own steps (`read_checked` on the file, the model's
-    input transform, `classify`, `Decision`), so the numbers are medx.predict's.
-    """
+    """A medx checkpoint as an MLflow pyfunc: file bytes in, `medx.inference`'s answer out
+    (the same reading, intensity step, probabilities and decision as medx.predict's)."""
 
     def load_context(self, context: Any) -> None:
-        from medx.models.load import load
+        from medx.inference import Predictor, Segmenter, open_model
 
-        self.model = load(context.artifacts["checkpoint"])
+        model = open_model(context.artifacts["checkpoint"])
+        segmenter = (model.card.get("task") or model.task) == "segmentation"
+        self.segmenter = Segmenter(model) if segmenter else None
+        self.predictor = None if segmenter else Predictor(model)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -257,66 +261,36 @@ class MedxModel(mlflow.pyfunc.PythonModel):
             )
         params = params or {}
         images = [_image_bytes(v) for v in model_input["image"]]
-        with tempfile.TemporaryDirectory(prefix="medx-pyfunc-") as tmp:
-            decoded = [_decode(data, Path(tmp), i) for i, data in enumerate(images)]
-        if self.model.task == "segmentation":
-            rows = [self._segment(image, error) for image, error in decoded]
-        else:
-            rows = self._classify(decoded, bool(params.get("tta")), params.get("calibrated", True))
-        return pd.DataFrame(rows)
+        names = [f"row {i}" for i in range(len(images))]
+        if self.segmenter is not None:
+            return pd.DataFrame([_mask_row(s) for s in self.segmenter.segment(images, names)])
+        predictor = self.predictor
+        tta, calibrated = bool(params.get("tta")), bool(params.get("calibrated", True))
+        if (predictor.tta, predictor.calibrated) != (tta, calibrated):
+            predictor = predictor.configured(tta=tta, calibrated=calibrated)
+        answers = predictor.predict(images, names, batch_size=BATCH)
+        return pd.DataFrame([_row(a, predictor.classes) for a in answers])
 
-    def _classify(
-        self, decoded: list[tuple[np.ndarray | None, str]], tta: bool, calibrated: bool
-    ) -> list[dict[str, Any]]:
-        from medx.predict import Decision, Options, classify
 
-        card, model = self.model.card, self.model
-        classes = _classes(card, model)
-        temperature = float((card.get("calibration") or {}).get("temperature", 1.0))
-        temperature = temperature if calibrated else 1.0
-        options = Options(calibrated=bool(calibrated), tta=tta)
-        decide = Decision(card, options, temperature) if len(classes) == 2 else None
-        good = [i for i, (_, error) in enumerate(decoded) if not error]
-        probs: dict[int, list[float]] = {}
-        for start in range(0, len(good), BATCH):
-            index = good[start : start + BATCH]
-            x = torch.stack([self._input(decoded[i][0]) for i in index])
-            p = classify(model, x.to(model.device), temperature, tta and model.inputs == "image")
-            probs.update(zip(index, p.double().cpu().tolist(), strict=True))
-        rows = []
-        for i, (_, error) in enumerate(decoded):
-            row: dict[str, Any] = {f"p_{c}": float("nan") for c in classes}
-            row.update(predicted="", temperature=temperature, error=error)
-            if i in probs:
-                row.update({f"p_{c}": v for c, v in zip(classes, probs[i], strict=True)})
-                row["predicted"] = classes[int(np.argmax(probs[i]))]
-                if decide is not None and decide.threshold is not None:
-                    row["decision"] = classes[decide(probs[i][1])]
-                    row["threshold"] = float(decide.threshold)
-                    row["threshold_source"] = decide.source
-            rows.append(row)
-        return rows
+def _row(answer: Any, classes: list[str]) -> dict[str, Any]:
+    """One output row of a `medx.inference.Prediction` (the signature's columns)."""
+    probs = answer.probabilities or {}
+    row: dict[str, Any] = {f"p_{c}": probs.get(c, math.nan) for c in classes}
+    row.update(predicted=answer.predicted or "", temperature=answer.temperature)
+    if answer.decision is not None:
+        row["decision"] = answer.decision.label
+        row["threshold"] = float(answer.decision.threshold)
+        row["threshold_scale"] = answer.decision.scale
+        row["threshold_source"] = answer.decision.source
+    row["error"] = answer.error
+    return row
 
-    def _input(self, image: np.ndarray) -> torch.Tensor:
-        """The model's input for one RGB image: pixels at its size, or quality features."""
-        from medx.data.transforms import ImageTransform
 
-        if self.model.inputs == "features":
-            from medx.quality.features import image_features
-
-            gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-            return torch.as_tensor(image_features(gray), dtype=torch.float32)
-        size = int(self.model.card["input"]["image_size"])
-        return ImageTransform(size, "none")(image)
-
-    def _segment(self, image: np.ndarray | None, error: str) -> dict[str, Any]:
-        from medx.predict import predict_mask
-
-        if error:
-            return {"mask": b"", "foreground": float("nan"), "error": error}
-        mask = predict_mask(self.model, image, self.model.threshold)
-        _, png = cv2.imencode(".png", mask)
-        return {"mask": png.tobytes(), "foreground": float((mask > 0).mean()), "error": ""}
+def _mask_row(answer: Any) -> dict[str, Any]:
+    if answer.error:
+        return {"mask": b"", "foreground": float("nan"), "error": answer.error}
+    _, png = cv2.imencode(".png", answer.mask)
+    return {"mask": png.tobytes(), "foreground": answer.foreground, "error": ""}
 
 
 def _image_bytes(value: Any) -> bytes:
@@ -329,21 +303,6 @@ def _image_bytes(value: Any) -> bytes:
         except ValueError:
             return b""
     return b""
-
-
-def _decode(data: bytes, folder: Path, i: int) -> tuple[np.ndarray | None, str]:
-    """medx.predict's reading of one file, from bytes: (RGB image, "") or (None, reason)."""
-    from medx.predict import MAX_PIXELS, read_checked
-
-    if not data:
-        return None, f"row {i}: no image bytes (give the file's bytes, base64 over REST)"
-    path = folder / f"row{i}"  # no suffix: medx sniffs DICOM and decodes the rest by content
-    path.write_bytes(data)
-    try:
-        return read_checked(path, MAX_PIXELS), ""
-    except MedxError as err:  # without the advice for training data (delete, skip_bad_images)
-        reason = str(err).replace(str(path), f"row {i}").split(" Delete or replace")[0]
-        return None, reason
 
 
 # --- models:/ URIs --------------------------------------------------------------------------

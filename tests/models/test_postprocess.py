@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from medx.errors import ConfigError
+from medx.inference import predict_mask
 from medx.models.postprocess import keep_lungs, make_postprocess
 from medx.models.segmentation import SegmentationModule
-from medx.predict import predict_mask
 
 
 def _two_lungs() -> np.ndarray:
