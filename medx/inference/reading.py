@@ -13,7 +13,6 @@ for training data.
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medx.data.intensity import standardise
 from medx.data.io import BadImageError, is_hidden, is_image_file, read_image, with_hint
+from medx.data.limits import TooManyPixels, check_declared_size, declared_sizes
 from medx.data.transforms import ImageTransform
 from medx.errors import DataError, MedxError
 
@@ -48,14 +48,10 @@ TYPES = "JPEG, PNG, BMP, TIFF, WebP or DICOM"
 Source = Union[str, Path, bytes, np.ndarray]  # noqa: UP007 (a runtime alias, for the docs)
 
 
-class PixelLimitError(BadImageError):
-    """An image that declares more pixels than the limit: refused before decoding."""
-
-    def __init__(
-        self, message: str, path: Path | None = None, pixels: int = 0, limit: int = 0
-    ) -> None:
-        super().__init__(message, path)
-        self.pixels, self.limit = pixels, limit
+# An image that declares more pixels than the limit, refused before any decoder allocates
+# (raised by medx.data.limits, which reads every size a file declares: image headers, the
+# DICOM header and its codestream's SIZ/SOF markers).
+PixelLimitError = TooManyPixels
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -88,40 +84,16 @@ def find_inputs(path: str | Path) -> list[Path]:
 # --- the size limit -------------------------------------------------------------------------
 
 
-def declared_pixels(path: Path) -> int | None:
-    """Width × height from the file's header, without decoding its pixels (None: unknown)."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            Image.MAX_IMAGE_PIXELS = None  # we judge the size ourselves, in check_size
-            with Image.open(path) as img:
-                return img.width * img.height
-    except Exception:
-        pass
-    try:
-        import pydicom
-
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(ds.Rows) * int(ds.Columns)
-    except Exception:
-        return None
+def declared_pixels(path: Path) -> int:
+    """The most pixels any size the file declares adds up to (image headers, the DICOM header,
+    a DICOM codestream), read without decoding (0: none declared)."""
+    return max((size.pixels for size in declared_sizes(path)), default=0)
 
 
 def check_size(path: Path, max_pixels: int) -> None:
-    """Refuse a file that declares more than `max_pixels` pixels, before any decoder runs:
-    the one place where medx judges a file's declared size (PixelLimitError naming it)."""
-    n = declared_pixels(path)
-    if n is not None and n > max_pixels:
-        raise PixelLimitError(
-            f"Image {path} has {n / 1e6:.1f} megapixels, over --max-pixels "
-            f"{max_pixels / 1e6:.0f} M: refused before decoding (raise --max-pixels if it is "
-            "a real image).",
-            path,
-            n,
-            max_pixels,
-        )
+    """Refuse a file that declares more than `max_pixels` pixels anywhere, before any decoder
+    runs (PixelLimitError naming it, the size and where it is declared)."""
+    check_declared_size(path, max_pixels)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -154,8 +126,7 @@ def _from_file(path: Path | None, max_pixels: int, intensity: str, name: str | N
     if path is None:  # bytes with nothing in them
         raise BadImageError(f"{name}: no image bytes", None)
     try:
-        check_size(path, max_pixels)
-        return read_image(path, intensity)
+        return read_image(path, intensity, max_pixels=max_pixels)  # sizes checked first
     except BadImageError as err:
         raise _renamed(err, path, name) from err
 
