@@ -37,3 +37,31 @@ def test_two_by_two_sweep_gives_a_parent_and_four_child_runs(tmp_path: Path, pha
     assert len(combos) == 4
     assert all("test/auroc" in r.data.metrics for r in runs)
     assert len(list((tmp_path / "multirun").glob("*/*/[0-3]"))) == 4
+
+
+@pytest.mark.slow
+def test_a_sweep_resumed_with_ckpt_path_last_continues_each_jobs_own_run(
+    tmp_path: Path, phantom_cache: Path
+):
+    """Jobs are named by their swept values, so `ckpt_path=last` must find them by that name."""
+    sweep = ["optimizer.lr=0.01,0.03", "logger.experiment_name=resumed"]
+    first = run_train(tmp_path, phantom_cache, *sweep, multirun=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    _, before = sweep_runs_all(tmp_path, "resumed")
+
+    again = run_train(
+        tmp_path, phantom_cache, *sweep, "trainer.max_epochs=2", "ckpt_path=last", multirun=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    _, after = sweep_runs_all(tmp_path, "resumed")
+    assert {r.info.run_id for r in after} == {r.info.run_id for r in before}  # no new job runs
+    assert all("medx.resumed_from" in r.data.tags for r in after)
+    assert {r.info.run_name for r in after} == {"lr=0.01", "lr=0.03"}
+
+
+def sweep_runs_all(tmp_path: Path, experiment: str):
+    """Every parent run of the experiment (one per sweep) and the jobs' runs."""
+    client = MlflowClient(store(tmp_path))
+    every = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in every if r.data.tags.get("medx.sweep") == "parent"]
+    return parents, [r for r in every if r.data.tags.get("medx.sweep") != "parent"]

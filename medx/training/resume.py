@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from medx.errors import ConfigError
+from medx.tracking.runs import RUN_NAME_ENV
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,15 @@ def resolve_last(cfg: DictConfig) -> str | None:
             "ckpt_path=last finds the previous run through MLflow (logger=mlflow); with "
             f"logger={logger.get('_target_', 'none')} give the file: ckpt_path=/path/last.ckpt."
         )
+    # a sweep's job is named by the values it sweeps (medx.tracking.sweep.ParentRun), not by
+    # the configured run name its siblings share
+    name = os.environ.get(RUN_NAME_ENV) or str(logger.run_name)
     client = MlflowClient(tracking_uri=str(logger.tracking_uri))
     experiment = client.get_experiment_by_name(logger.experiment_name)
     runs = (
         client.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.`mlflow.runName` = '{logger.run_name}'",
+            filter_string=f"tags.`mlflow.runName` = '{name}'",
             order_by=["attributes.start_time DESC"],
         )
         if experiment
@@ -63,7 +67,7 @@ def resolve_last(cfg: DictConfig) -> str | None:
             log.info("Resuming MLflow run %s from %s", run.info.run_id, checkpoint)
             return run.info.run_id
     raise ConfigError(
-        f"ckpt_path=last: no run named {logger.run_name!r} in MLflow experiment "
+        f"ckpt_path=last: no run named {name!r} in MLflow experiment "
         f"{logger.experiment_name!r} ({logger.tracking_uri}) has checkpoints/last.ckpt in its "
         "output directory (tag medx.output_dir). Give the file: ckpt_path=/path/last.ckpt."
     )
