@@ -197,7 +197,8 @@ def test_the_registered_pyfunc_answers_as_medx_predict(registered: Registered):
     dicom, png = answers.loc[len(images) - 1, "p_OPACITY"], answers.loc[0, "p_OPACITY"]
     assert dicom == pytest.approx(png, abs=1e-7)
     bad, empty = answers.iloc[-2], answers.iloc[-1]
-    assert bad["error"].startswith("Image row 5 cannot be decoded") and pd.isna(bad["p_NORMAL"])
+    assert bad["error"].startswith("Image row 5 cannot be") and "not a DICOM, PNG" in bad["error"]
+    assert pd.isna(bad["p_NORMAL"])
     assert "skip_bad_images" not in bad["error"]  # training-data advice, not for a client
     assert "row 6: no image bytes" in empty["error"]
 
