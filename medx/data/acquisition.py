@@ -59,22 +59,22 @@ def contrast(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.nda
 
 
 def blur(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """A softer detector or a smoothing filter: Gaussian σ = 0.6, 1.2, 2.0 px (256-px reference)."""
-    return cv2.GaussianBlur(img, (0, 0), _px(img, (0.6, 1.2, 2.0)[severity - 1]))
+    """A softer detector or a smoothing filter: Gaussian σ = 0.8, 1.6, 3 px (256-px reference)."""
+    return cv2.GaussianBlur(img, (0, 0), _px(img, (0.8, 1.6, 3.0)[severity - 1]))
 
 
 def noise(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """A lower dose or a noisier detector: additive Gaussian noise, σ = 3, 7, 14 gray levels."""
-    sigma = (3.0, 7.0, 14.0)[severity - 1]
+    """A lower dose or a noisier detector: additive Gaussian noise, σ = 4, 8, 16 gray levels."""
+    sigma = (4.0, 8.0, 16.0)[severity - 1]
     gray = img[..., 0] if img.ndim == 3 else img
     noisy = _to_u8(gray + rng.normal(0.0, sigma, gray.shape))
     return np.repeat(noisy[..., None], img.shape[2], 2) if img.ndim == 3 else noisy
 
 
 def resolution(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """A coarser detector or an archived thumbnail: down by 1.5, 2.5, 4 (area), back up
+    """A coarser detector or an archived thumbnail: down by 2, 3, 5 (area), back up
     bilinearly."""
-    factor = (1.5, 2.5, 4.0)[severity - 1]
+    factor = (2.0, 3.0, 5.0)[severity - 1]
     h, w = img.shape[:2]
     small = cv2.resize(
         img, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA
@@ -101,8 +101,8 @@ def collimation(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.
 
 
 def jpeg(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """A lossy archive or teleradiology link: JPEG re-compression at quality 40, 20, 8."""
-    quality = (40, 20, 8)[severity - 1]
+    """A lossy archive or teleradiology link: JPEG re-compression at quality 30, 15, 6."""
+    quality = (30, 15, 6)[severity - 1]
     gray = img[..., 0] if img.ndim == 3 else img
     _, data = cv2.imencode(".jpg", np.ascontiguousarray(gray), [cv2.IMWRITE_JPEG_QUALITY, quality])
     out = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)

