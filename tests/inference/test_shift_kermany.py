@@ -122,9 +122,9 @@ def test_the_stress_table_has_every_shift_and_auroc_falls_with_severity(kermany:
         k: np.mean([float(r["auroc"]) for r in rows if int(r["severity"]) == k]) for k in (0, 1, 3)
     }
     assert auroc[0] > auroc[1] > auroc[3], auroc  # trained without acquisition augmentation
-    # the monitor sees every severe shift of the carved test split
-    severe = [float(r["monitor_p"]) for r in rows if int(r["severity"]) == 3]
-    assert sum(p < 0.01 for p in severe) >= len(severe) - 1, severe
+    # the monitor sees every shift that costs this model AUROC, on the 100 carved test images
+    harmful = [r for r in rows if float(r["auroc"]) < auroc[0] - 0.03]
+    assert harmful and all(float(r["monitor_p"]) < 0.01 for r in harmful), harmful
 
 
 def _write_site(pairs: list, folder: Path, shift: str, severity: int) -> list:
