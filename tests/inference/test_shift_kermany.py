@@ -142,7 +142,8 @@ def _write_site(pairs: list, folder: Path, shift: str, severity: int) -> list:
 def test_site_calibration_restores_the_target_sensitivity_on_held_apart_shifted_images(
     kermany: dict, tmp_path: Path, capsys
 ):
-    site = _write_site(kermany["held"], tmp_path / "site", "contrast", 3)
+    # collimator shutters: this model's sensitivity at its val threshold collapses
+    site = _write_site(kermany["held"], tmp_path / "site", "collimation", 1)
     rest = _balanced(site, 50, offset=100)  # the first 100 of each class calibrate
     for path, label in rest:  # keep only the calibration part under site/
         path.rename(tmp_path / f"rest_{label}_{path.name}")
@@ -172,10 +173,8 @@ def test_site_calibration_restores_the_target_sensitivity_on_held_apart_shifted_
     labels = np.array([y for _, y in rest])
     sens = lambda t: metrics.rates(labels, (probs[:, 1] >= t).astype(int), 2)["sensitivity"][0]  # noqa: E731
     low, high = provenance["sensitivity_ci"]
-    assert low <= sens(point["threshold"]) <= high, (sens(point["threshold"]), low, high)
-    print(
-        "before", sens(old_card["operating_point"]["threshold"]), "after", sens(point["threshold"])
-    )
+    before, after = sens(old_card["operating_point"]["threshold"]), sens(point["threshold"])
+    assert before < low <= after <= high, (before, after, low, high)
 
 
 def _exits(argv: list[str]) -> str:
