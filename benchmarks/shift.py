@@ -62,14 +62,16 @@ def carved_test(ckpt: Path, root: Path) -> tuple[list[Path], np.ndarray]:
     return list(test.paths), np.asarray(test.labels)
 
 
-def flagged(monitor: ShiftMonitor, feats: np.ndarray, size: int, draws: int, seed: int) -> float:
-    """Share of `draws` random batches of `size` images (without replacement) flagged."""
+def flagged(
+    monitor: ShiftMonitor, feats: np.ndarray, probs: np.ndarray, size: int, draws: int, seed: int
+) -> float:
+    """Share of `draws` random batches of `size` images (without replacement) flagged; NaN
+    when there are fewer images than `size`."""
+    if size > len(feats):
+        return float("nan")
     rng = np.random.default_rng(seed)
-    hits = [
-        monitor.test(feats[rng.choice(len(feats), size, replace=False)]).shifted
-        for _ in range(draws)
-    ]
-    return float(np.mean(hits))
+    batches = [rng.choice(len(feats), size, replace=False) for _ in range(draws)]
+    return float(np.mean([monitor.test(feats[b], probs[b, 1]).shifted for b in batches]))
 
 
 def main() -> None:
@@ -110,13 +112,14 @@ def report(ckpt: Path, root: Path, args: argparse.Namespace, trained: float) -> 
     start = time.perf_counter()
     clean, probs = features_and_probs(model, ShiftedImages(paths, labels, size, intensity))
     seconds = time.perf_counter() - start
-    alarms = flagged(monitor, clean, 100, args.alarm_draws, seed=1)
+    alarms = flagged(monitor, clean, probs, 100, args.alarm_draws, seed=1)
     disjoint = np.random.default_rng(2).permutation(len(clean))
     blocks = [
-        monitor.test(clean[disjoint[i : i + 100]]).shifted for i in range(0, len(clean) - 99, 100)
+        monitor.test(clean[b], probs[b, 1]).shifted
+        for b in (disjoint[i : i + 100] for i in range(0, len(clean) - 99, 100))
     ]
     tick = time.perf_counter()
-    monitor.test(clean[:100])
+    monitor.test(clean[:100], probs[:100, 1])
     per_test = time.perf_counter() - tick
     print(
         f"false alarms: {alarms:.1%} of {args.alarm_draws} random in-distribution batches of 100"
@@ -130,14 +133,14 @@ def report(ckpt: Path, root: Path, args: argparse.Namespace, trained: float) -> 
     print(header)
     print("|---" * 9 + "|")
     auroc = metrics.auroc(labels, probs)[0]
-    print(f"| none | 0 | {alarms_cell(monitor, clean, args)} | {ood.mean():.0%} |"
+    print(f"| none | 0 | {alarms_cell(monitor, clean, probs, args)} | {ood.mean():.0%} |"
           f" {auroc:.3f} | {rates(labels, probs, threshold)} |")  # fmt: skip
     for shift in SHIFTS:
         for severity in range(1, SEVERITIES + 1):
             data = ShiftedImages(paths, labels, size, intensity, shift, severity)
             feats, probs = features_and_probs(model, data)
             power = " | ".join(
-                f"{flagged(monitor, feats, n, args.draws, seed=3):.0%}" for n in SIZES
+                f"{flagged(monitor, feats, probs, n, args.draws, seed=3):.0%}" for n in SIZES
             )
             _, ood = monitor.ood(feats)
             print(
@@ -147,8 +150,10 @@ def report(ckpt: Path, root: Path, args: argparse.Namespace, trained: float) -> 
             )
 
 
-def alarms_cell(monitor: ShiftMonitor, clean: np.ndarray, args: argparse.Namespace) -> str:
-    return " | ".join(f"{flagged(monitor, clean, n, args.draws, seed=3):.0%}" for n in SIZES)
+def alarms_cell(
+    monitor: ShiftMonitor, clean: np.ndarray, probs: np.ndarray, args: argparse.Namespace
+) -> str:
+    return " | ".join(f"{flagged(monitor, clean, probs, n, args.draws, 3):.0%}" for n in SIZES)
 
 
 def rates(labels: np.ndarray, probs: np.ndarray, threshold: float | None) -> str:

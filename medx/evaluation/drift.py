@@ -15,12 +15,14 @@ divided by their val scale, and the residual norm divided by its val RMS):
 - **Has the distribution moved?** (a batch, a folder, a window of recent requests): the
   kernel two-sample test of Gretton et al. (JMLR 2012), maximum mean discrepancy with a
   Gaussian kernel whose bandwidth is the median distance in the reference (fixed at fit time),
-  and its p-value from a permutation test (exact under exchangeability: an in-distribution
-  batch is flagged with probability `significance`). The effect size is MMD² in units of the
-  permutation null's standard deviation (`effect`), and the share of images past the OOD
-  threshold (`ood_rate`, 1% expected). The scores' distribution is compared by a two-sample
-  Kolmogorov-Smirnov test (`score_p`), reported beside the verdict, not in it: a change of the
-  case mix (more positives) moves the scores without any change of acquisition.
+  its p-value from a permutation test (exact under exchangeability); and a two-sample
+  Kolmogorov-Smirnov test of the model's scores against val's, because a shift the features
+  barely show can still move the scores across the threshold (blur did, on Kermany). The
+  verdict combines the two by Bonferroni, p = min(1, 2 min(p_features, p_scores)), so an
+  in-distribution batch is flagged with probability at most `significance`. A change of the
+  case mix (more positives) also moves the scores: `feature_p` and `score_p` say which test
+  fired. The effect size is MMD² in units of the permutation null's standard deviation
+  (`effect`); `ood_rate` is the share of images past the OOD threshold (1% expected).
 - **Is this one image unusual?**: its out-of-distribution score, the mean square of its
   `k + 1` coordinates (Hotelling's T² plus the squared PCA residual, as in PCA process
   monitoring; about 1 for a typical val image), flagged above the `ood_quantile` (99%) of the
@@ -79,8 +81,10 @@ class ShiftReport:
 
     Attributes:
         images: how many new images were tested.
-        p_value: permutation p-value of MMD² (small: the images differ from val).
+        p_value: the verdict's p-value: Bonferroni of `feature_p` and `score_p` (small: the
+            images differ from val).
         shifted: the verdict, `p_value < significance`.
+        feature_p: permutation p-value of MMD² of the features.
         mmd2: the (biased) MMD² statistic.
         effect: MMD² in standard deviations of the permutation null (about 0 without shift).
         ood_rate: share of the new images whose own OOD score passes the threshold.
@@ -92,6 +96,7 @@ class ShiftReport:
     images: int
     p_value: float
     shifted: bool
+    feature_p: float
     mmd2: float
     effect: float
     ood_rate: float
@@ -105,9 +110,11 @@ class ShiftReport:
     def summary(self) -> str:
         """One line for a command's summary."""
         verdict = "SHIFT" if self.shifted else "no shift detected"
+        scores = "" if self.score_p is None else f", scores p = {self.score_p:.3g}"
         return (
-            f"shift monitor: {verdict} (p = {self.p_value:.3g} over {self.images} images, "
-            f"effect {self.effect:.1f} sd, {self.ood_rate:.0%} of images out of distribution)"
+            f"shift monitor: {verdict} (p = {self.p_value:.3g} over {self.images} images: "
+            f"features p = {self.feature_p:.3g}, effect {self.effect:.1f} sd{scores}; "
+            f"{self.ood_rate:.0%} of images out of distribution)"
         )
 
 
@@ -205,10 +212,12 @@ class ShiftReference:
             if scores is not None and len(scores)
             else None
         )
+        combined = p if ks is None else min(1.0, 2 * min(p, float(ks.pvalue)))
         return ShiftReport(
             images=len(new),
-            p_value=p,
-            shifted=bool(p < significance),
+            p_value=combined,
+            shifted=bool(combined < significance),
+            feature_p=p,
             mmd2=mmd2,
             effect=effect,
             ood_rate=float(np.mean(ood_score(new) > self.ood_threshold)),

@@ -102,9 +102,14 @@ def _row(
         row["sensitivity"] = float(found["sensitivity"][0])
         row["specificity"] = float(found["specificity"][0])
     if reference is not None and feats is not None:
-        report = reference.test(feats, permutations=200)
+        report = reference.test(feats, _scores(probs), permutations=200)
         row["monitor_p"], row["ood_rate"] = report.p_value, report.ood_rate
     return row
+
+
+def _scores(probs: np.ndarray) -> np.ndarray:
+    """What the reference keeps of each image: p(class 1), or the top probability."""
+    return probs[:, 1] if probs.shape[1] == 2 else probs.max(1)
 
 
 def summary(rows: Sequence[dict], split: str = "test") -> dict[str, float]:
