@@ -60,3 +60,12 @@ def test_shifted_images_read_clean_copies_as_the_model_does(xray: Path):
     # zscore undoes a gain and an offset, not a gamma: the shift survives standardisation
     gamma = ShiftedImages([xray], [0], 64, "zscore", "gamma", 3)
     assert np.abs(gamma.pixels(0).astype(float) - clean.pixels(0)).mean() > 5
+
+
+def test_augment_acquisition_is_a_valid_choice_for_a_run():
+    from medx import schema
+    from medx.config import compose
+
+    schema.check(compose(["data.augment=acquisition"]))  # no ConfigError
+    with pytest.raises(ConfigError, match=r"data\.augment=.*acquisition"):
+        schema.check(compose(["data.augment=scanner"]))
