@@ -102,7 +102,7 @@ def _row(
         row["sensitivity"] = float(found["sensitivity"][0])
         row["specificity"] = float(found["specificity"][0])
     if reference is not None and feats is not None:
-        report = reference.test(feats, _scores(probs), permutations=200)
+        report = reference.test(feats, _scores(probs))
         row["monitor_p"], row["ood_rate"] = report.p_value, report.ood_rate
     return row
 
@@ -131,12 +131,15 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+            writer.writerow({k: _fmt(row.get(k), k) for k in COLUMNS})
     return path
 
 
-def _fmt(value: object) -> object:
-    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else value)
+def _fmt(value: object, key: str) -> object:
+    """Rates to 4 decimals; p-values to 3 significant digits (0.00995 is not 0.0100)."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if key == "monitor_p" else f"{value:.4f}"
+    return "" if value is None else value
 
 
 def plot(rows: Sequence[dict], path: Path, split: str = "test") -> Path:
