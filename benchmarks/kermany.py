@@ -8,10 +8,12 @@ temperature scaling, the wall time, and the published rows of `../shared/BENCHMA
 `--folds K` runs the recipe on K patient-grouped folds instead (the test split fixed) and
 prints the spread of the val-chosen threshold and of the rates at it, and `--variant` compares
 variants of the recipe on the same folds: what makes a recipe and its threshold stable is
-judged on validation folds, never on a test split.
+judged on validation folds, never on a test split. `--stress` adds the robustness stress test
+(issue 23: simulated acquisition shifts at graded severities, `eval.stress`): on the test
+split for one run, on each val fold with `--folds`, where it is a second criterion.
 
 Usage: MEDX_DATA=/path python benchmarks/kermany.py [--recipe kermany_cpu] [--folds 5]
-       [--variant 'NAME=override ...']... [--jobs 2] [extra overrides...]
+       [--variant 'NAME=override ...']... [--jobs 2] [--stress] [extra overrides...]
 """
 
 from __future__ import annotations
@@ -91,6 +93,17 @@ def show(m: dict, label: str) -> None:
         f"after temperature scaling (T = {m.get('test/temperature', np.nan):.2f})"
     )
     print(f"  best val AUROC {m.get('val/auroc_best', m.get('val/auroc', np.nan)):.4f}")
+    if "test/shift_p_value" in m:
+        print(
+            f"  shift monitor on the test split: p = {m['test/shift_p_value']:.3f} "
+            f"(in distribution: should not be < 0.01), {m['test/ood_rate']:.1%} images flagged"
+        )
+    if "test/stress_auroc_s1" in m:
+        cells = ", ".join(f"severity {k} {m[f'test/stress_auroc_s{k}']:.3f}" for k in (1, 2, 3))
+        print(
+            f"  stress test, mean AUROC over acquisition shifts: {cells}; worst "
+            f"{m['test/stress_auroc_worst']:.3f} (evaluation/stress_test.csv in the run)"
+        )
 
 
 FOLD_KEYS = (
@@ -99,6 +112,7 @@ FOLD_KEYS = (
     "val/specificity_at_op",
     "val/nll_calibrated",
 )
+STRESS_KEYS = ("val/stress_auroc_s2", "val/stress_auroc_worst")  # --stress: on the val fold
 
 
 def folds(
@@ -137,7 +151,13 @@ def main() -> None:
         "--variant 'no CLAHE=data.intensity=none' (overrides separated by spaces); repeatable",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="folds trained at once")
+    parser.add_argument(
+        "--stress", action="store_true", help="the acquisition-shift stress test (eval.stress)"
+    )
     args, extra = parser.parse_known_args()
+    keys = FOLD_KEYS + (STRESS_KEYS if args.stress and args.folds > 1 else ())
+    if args.stress:  # folds: stress-test the val fold, so that nothing looks at a test split
+        extra += ["eval.stress=true"] + (["eval.stress_split=val"] if args.folds > 1 else [])
     medx_data = Path(os.environ.get("MEDX_DATA", "../shared/data")).resolve()
     train_dir = medx_data / "chest_xray" / "train"
     if not train_dir.is_dir():
@@ -154,8 +174,8 @@ def main() -> None:
                 f"{args.recipe} {' '.join(extra)}: {args.folds} patient-grouped folds, "
                 "mean ± sd over folds (validation only: nothing here looks at a test split)"
             )
-            print(f"| variant | {' | '.join(FOLD_KEYS)} | minutes a fold |")
-            print(f"|---|{'---|' * len(FOLD_KEYS)}---|")
+            print(f"| variant | {' | '.join(keys)} | minutes a fold |")
+            print(f"|---|{'---|' * len(keys)}---|")
             for i, (name, overrides) in enumerate(variants):
                 found = folds(
                     args.recipe,
@@ -166,12 +186,12 @@ def main() -> None:
                     [*extra, *overrides.split()],
                     args.jobs,
                 )
-                cells = " | ".join(spread(found, key) for key in FOLD_KEYS)
+                cells = " | ".join(spread(found, key) for key in keys)
                 print(f"| {name} {overrides} | {cells} | {spread(found, 'minutes')} |", flush=True)
                 for f in found:
                     print(
                         "    fold: "
-                        + ", ".join(f"{k} {f.get(k, np.nan):.4f}" for k in (*FOLD_KEYS, "minutes"))
+                        + ", ".join(f"{k} {f.get(k, np.nan):.4f}" for k in (*keys, "minutes"))
                     )
     print("published (BENCHMARKS.md):")
     for line in reference_lines():

@@ -93,7 +93,7 @@ RULES: dict[str, Rule] = {
     "data.n_patients": integer(low=1),
     "data.images_per_patient": integer(low=1),
     "data.prevalence": fraction(high_open=False),
-    "data.augment": one_of("none", "light", "strong"),
+    "data.augment": one_of("none", "light", "strong", "acquisition"),
     "data.duplicates": one_of("warn", "error", "drop"),
     "data.intensity": one_of(*INTENSITY_METHODS),
     "data.cache": one_of("disk", "memory", "none"),

@@ -2,7 +2,10 @@
 
 Presets are deliberately mild: chest X-rays have a canonical orientation (heart on the
 patient's left), so no flips; small crops, rotations and exposure changes mimic positioning
-and acquisition differences.
+and acquisition differences. `acquisition` is `light`'s geometry plus, on half the images, one
+simulated acquisition shift of `medx.data.acquisition` (tone curve, blur, noise, resolution,
+field of view, JPEG) at severity 1 or 2: it trains for another scanner, and the stress test
+(`eval.stress`) measures what it buys.
 """
 
 from __future__ import annotations
@@ -12,17 +15,25 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from medx.data.acquisition import RandomAcquisition
 from medx.errors import ConfigError
+
+
+def _light_geometry(size: int) -> list[v2.Transform]:
+    return [
+        v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.RandomAffine(degrees=7),
+    ]
 
 
 def _augmentations(preset: str, size: int) -> list[v2.Transform]:
     presets: dict[str, list[v2.Transform]] = {
         "none": [v2.Resize((size, size), antialias=True)],
         "light": [
-            v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
-            v2.RandomAffine(degrees=7),
+            *_light_geometry(size),
             v2.ColorJitter(brightness=0.1, contrast=0.1),
         ],
+        "acquisition": _light_geometry(size),  # and RandomAcquisition on the uint8 pixels
         "strong": [
             v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15), antialias=True),
             v2.RandomAffine(degrees=15, translate=(0.08, 0.08), scale=(0.9, 1.1)),
@@ -46,8 +57,11 @@ class ImageTransform:
         self.steps = v2.Compose(
             [*_augmentations(augment, size), v2.ToDtype(torch.float32, scale=True)]
         )
+        self.acquisition = RandomAcquisition() if augment == "acquisition" else None
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if self.acquisition is not None:  # on the uint8 pixels, as a scanner would change them
+            image = self.acquisition(image)
         return self.steps(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
 
 

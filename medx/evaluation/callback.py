@@ -5,7 +5,10 @@ A Lightning Callback (not code in the LightningModule), so every classification 
 At `on_test_end` the trainer holds the tested (best-checkpoint) weights: the callback runs them
 over the datamodule's validation and test loaders and computes everything from the logits.
 Anything chosen (the operating threshold, the temperature) is chosen on validation and applied
-unchanged to test.
+unchanged to test. The validation images also give the model its shift reference
+(`medx.evaluation.drift`, card entry `shift_reference`), which the test split is checked
+against, and with `stress=True` the test split (`stress_split`: val, to compare recipes on
+validation folds) is re-read under simulated acquisition shifts (`medx.evaluation.stress`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from medx.data.acquisition import check_shifts
+from medx.data.shifted import ShiftedImages
 from medx.errors import ConfigError
-from medx.evaluation import calibration, metrics, plots
+from medx.evaluation import calibration, metrics, plots, stress
+from medx.evaluation.drift import MIN_VAL_IMAGES, ShiftReference
 from medx.evaluation.tta import tta_logits
 from medx.models.load import update_card
 from medx.tracking import runs
@@ -238,9 +244,17 @@ class ClinicalEvaluation(Callback):
         bootstrap: int = 1000,
         seed: int = 0,
         tta: bool = False,
+        shift_reference: bool = True,
+        stress: bool = False,
+        stress_shifts: Sequence[str] | None = None,
+        stress_split: str = "test",
     ) -> None:
         self.calibrate = check_settings(target_sensitivity, calibrate)
-        self.tta = bool(tta)
+        self.tta, self.shift_reference, self.stress = bool(tta), bool(shift_reference), bool(stress)
+        self.stress_shifts = check_shifts(stress_shifts) if stress_shifts else None
+        if stress_split not in ("test", "val"):
+            raise ConfigError(f"eval.stress_split={stress_split!r} must be test or val.")
+        self.stress_split = stress_split
         self.target_sensitivity, self.bootstrap, self.seed = target_sensitivity, bootstrap, seed
         self.metrics: dict[str, float] = {}
 
@@ -277,6 +291,16 @@ class ClinicalEvaluation(Callback):
             test_paths,
             test_columns,
         )
+        reference = self._shift_reference(pl_module, dm, val) if self.shift_reference else None
+        if reference is not None:
+            found.update(_check_test(pl_module, dm, reference))
+        if self.stress:
+            rows = self._stress(pl_module, dm, found.get("test/threshold_at_op"), reference)
+            if rows:
+                split = self.stress_split
+                found.update(stress.summary(rows, split))
+                files.append(stress.write_csv(rows, out_dir / f"stress_{split}.csv"))
+                files.append(stress.plot(rows, out_dir / f"stress_{split}.png", split))
         history = _history(trainer)
         if history:
             files.append(plots.training_curves(out_dir / "training_curves.png", history))
@@ -295,9 +319,95 @@ class ClinicalEvaluation(Callback):
             for path in files:
                 logger.experiment.log_artifact(logger.run_id, str(path), ARTIFACT_DIR)
         self.metrics = found
-        _remember_choices(trainer, pl_module, found, self.target_sensitivity, self.tta)
+        _remember_choices(trainer, pl_module, found, self.target_sensitivity, self.tta, reference)
         lines = [f"{k} {v:.4f}" for k, v in sorted(found.items()) if math.isfinite(v)]
         log.info("Clinical evaluation in %s\n  %s", out_dir, "\n  ".join(lines))
+
+    def _shift_reference(
+        self, module: L.LightningModule, dm: L.LightningDataModule, val: Predictions
+    ) -> ShiftReference | None:
+        """The validation images' reference in the model's feature space, or None (no
+        `embed`: an ensemble or a feature baseline; too few val images)."""
+        if not hasattr(module, "embed"):
+            log.info("No shift reference: %s has no feature space.", type(module).__name__)
+            return None
+        if len(val.labels) < MIN_VAL_IMAGES:
+            log.warning(
+                "No shift reference: %d validation images (%d needed).",
+                len(val.labels),
+                MIN_VAL_IMAGES,
+            )
+            return None
+        feats, probs = _split_features(module, dm, "val")
+        return ShiftReference.fit(
+            feats,
+            _score(probs),
+            seed=self.seed,
+            fitted_on="val",
+            feature="penultimate layer (timm forward_head pre_logits)",
+            score="softmax p(class 1)" if probs.shape[1] == 2 else "softmax max probability",
+        )
+
+    def _stress(
+        self,
+        module: L.LightningModule,
+        dm: L.LightningDataModule,
+        threshold: float | None,
+        reference: ShiftReference | None,
+    ) -> list[dict]:
+        reading = _reading(dm, self.stress_split)
+        if reading is None:
+            log.warning(
+                "Stress test skipped: the %s split has no files to re-read.", self.stress_split
+            )
+            return []
+        paths, labels, size, intensity = reading
+        return stress.stress_table(
+            module, paths, labels, size, intensity, threshold, self.stress_shifts, reference,
+            seed=self.seed,
+        )  # fmt: skip
+
+
+def _score(probs: np.ndarray) -> np.ndarray:
+    return probs[:, 1] if probs.shape[1] == 2 else probs.max(1)
+
+
+def _reading(dm: L.LightningDataModule, split: str) -> tuple | None:
+    """(paths, labels, image size, intensity method) of a split read from files, else None."""
+    samples = getattr(dm, "splits", {}).get(split)
+    size = getattr(dm, "image_size", None)
+    if samples is None or size is None or not getattr(samples, "paths", None):
+        return None
+    return samples.paths, samples.labels, int(size), getattr(dm, "intensity", "none")
+
+
+def _split_features(module: L.LightningModule, dm: L.LightningDataModule, split: str) -> tuple:
+    """(features, probabilities) of a split, read as `medx.predict` reads files (no decoded
+    cache), so that a reference and the images it will be compared with share every step;
+    from the split's loader when it has no files (arrays)."""
+    reading = _reading(dm, split)
+    if reading is not None:
+        paths, labels, size, intensity = reading
+        return stress.features_and_probs(module, ShiftedImages(paths, labels, size, intensity))
+    loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+    with torch.inference_mode():
+        out = [module.embed(batch[0].to(module.device)) for batch in loader]
+    feats = torch.cat([f for f, _ in out]).double().cpu().numpy()
+    return feats, calibration.softmax(torch.cat([z for _, z in out]).double().cpu().numpy())
+
+
+def _check_test(
+    module: L.LightningModule, dm: L.LightningDataModule, reference: ShiftReference
+) -> dict[str, float]:
+    """The monitor on the test split: in distribution, it should not fire."""
+    feats, probs = _split_features(module, dm, "test")
+    report = reference.test(feats, _score(probs))
+    log.info("Test split against the val reference: %s", report.summary())
+    return {
+        "test/shift_p_value": report.p_value,
+        "test/shift_effect": report.effect,
+        "test/ood_rate": report.ood_rate,
+    }
 
 
 def _remember_choices(
@@ -306,11 +416,16 @@ def _remember_choices(
     found: dict[str, float],
     target: float,
     tta: bool,
+    reference: ShiftReference | None = None,
 ) -> None:
     """The operating point and temperature chosen on validation go into the model card, and
     into the tested checkpoint file (the one the run selected), so the model carries them.
     With TTA the operating point is TTA's own (`operating_point_tta`): a threshold chosen on
-    plain probabilities does not hold for averaged ones."""
+    plain probabilities does not hold for averaged ones.
+
+    The shift reference goes there too; a checkpoint evaluated by `medx.eval` (no tested
+    file of a fit) gets the reference only, and only when it has none: that is how a model
+    trained before the monitor is given one, and nothing it was shipped with changes."""
     choices = {}
     if "test/threshold_at_op" in found:
         choices["operating_point_tta" if tta else "operating_point"] = {
@@ -321,14 +436,22 @@ def _remember_choices(
         }
     if "test/temperature" in found and not tta:
         choices["calibration"] = {"temperature": found["test/temperature"], "fitted_on": "val"}
+    if reference is not None:
+        choices["shift_reference"] = reference.to_dict()
     card = getattr(module, "card", None)
     if not choices or card is None:
         return
+    had_reference = bool(card.get("shift_reference"))
     card.update(choices)
     tested = trainer.ckpt_path
     if tested and Path(tested).is_file():
         update_card(tested, **choices)
-        log.info("Operating point and temperature written into %s", tested)
+        log.info("Operating point, temperature and shift reference written into %s", tested)
+        return
+    source = card.get("checkpoint")
+    if reference is not None and not had_reference and source and Path(source).is_file():
+        update_card(source, shift_reference=choices["shift_reference"])
+        log.info("Shift reference of the validation images written into %s", source)
 
 
 @torch.inference_mode()

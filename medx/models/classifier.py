@@ -176,6 +176,17 @@ class ClassificationModule(ClassifierSteps, TransferModule):
         network."""
         return class_logits(self.net(self.normalise(x)))
 
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D), class logits (N, K)) of [0, 1] images in one pass.
+
+        The features are what the head reads: timm's pooled `forward_head(pre_logits=True)`
+        (the input of the MLP head too, with `model.head_hidden`). The shift monitor
+        (`medx.inference.shift`) compares images in this space, the model's own view of them.
+        """
+        features = self.net.forward_features(self.normalise(x))
+        pooled = self.net.forward_head(features, pre_logits=True)
+        return pooled, class_logits(self.net.forward_head(features))
+
 
 def class_scores(logits: torch.Tensor) -> torch.Tensor:
     """Positive-class probability for binary tasks, class probabilities otherwise."""
