@@ -9,6 +9,8 @@ user of the machine can read in the process list.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -52,6 +54,22 @@ class Settings:
             raise ConfigError(f"--qc-mode {self.qc_mode!r}: choose one of {', '.join(QC_MODES)}.")
         if self.token is not None and not self.token.strip():
             raise ConfigError("--token / MEDX_SERVE_TOKEN is empty; give a secret or unset it.")
+        q = self.qc_threshold
+        if q is not None and not (math.isfinite(q) and 0.0 <= q <= 1.0):
+            raise ConfigError(
+                f"--qc-threshold {q}: a threshold is a probability between 0 and 1 "
+                "(e.g. --qc-threshold 0.3)."
+            )
+
+    @property
+    def exposed(self) -> bool:
+        """Listening beyond this machine (a host that is not a loopback address)."""
+        if self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: whichever interface it names
+            return True
 
     def check_files(self) -> None:
         """Fail at once, before the server starts, on a model file that is not there (the
