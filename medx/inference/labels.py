@@ -220,7 +220,7 @@ class Tally:
             line += f"; {self.unclassified} refused by the quality gate"
         line += f"; {self.failed} failed"
         if self.unused:
-            line += f"; {self.unused} rows of {self.source} name no input image"
+            line += f"; rows of {self.source} naming no input: {self.unused}"
         return line
 
     def check(self) -> None:
