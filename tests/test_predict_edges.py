@@ -24,6 +24,7 @@ from dicom_files import cxr_gray, dicom_dataset, j2k_zeros, save, size_lie, vari
 from pydicom import uid
 from test_serve import _train
 
+from medx import cli
 from medx.predict import main as predict_main
 from medx.predict import run as predict_run
 
@@ -242,7 +243,7 @@ def test_an_out_folder_on_a_read_only_file_system_is_one_line(ckpt: Path, tmp_pa
 
 
 def test_the_exit_status_says_whether_all_some_or_none_were_predicted(
-    ckpt: Path, medx_data: Path, tmp_path: Path, capsys
+    ckpt: Path, medx_data: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ):
     good = _png(tmp_path / "mixed" / "chest.png", cxr_gray(medx_data, size=96))
     empty = tmp_path / "mixed" / "empty.png"
@@ -263,7 +264,11 @@ def test_the_exit_status_says_whether_all_some_or_none_were_predicted(
     printed = capsys.readouterr().out
     assert "2 images: 1 predicted, 1 failed" in printed
 
-    # the command line exits with it, and counts what the folder held besides images
+    # the console script and the command line exit with it; the folder's other files counted
+    monkeypatch.setattr(sys, "argv", ["medx-predict", str(ckpt), str(empty), *flags])
+    with pytest.raises(SystemExit) as stop:
+        cli.predict()
+    assert stop.value.code == 1
     done = subprocess.run(
         [sys.executable, "-m", "medx.predict", str(ckpt), str(tmp_path / "broken"), *flags],
         capture_output=True, text=True, timeout=300,
