@@ -58,9 +58,11 @@ log = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
+    about, labels, exits = __doc__.partition("\n--labels (")  # the last two after the options
     p = argparse.ArgumentParser(
         prog="python -m medx.predict",
-        description=__doc__,
+        description=about,
+        epilog=(labels + exits).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -1,8 +1,8 @@
 """`python -m medx.serve MODEL [--port 8000] ...`: start the service (see `settings`).
 
-Exit status: 0 when stopped (Ctrl-C, SIGTERM); 1 for a bad setting (one line) or a model
+Exit status (also in `--help`): 0 after Ctrl-C; 1 for a bad setting (one line) or a model
 that cannot be loaded (the log says why, then the server stops within seconds of starting);
-3 when uvicorn cannot start (e.g. the port is taken).
+3 when uvicorn cannot start (e.g. the port is taken). SIGTERM ends it as that signal does.
 """
 
 from __future__ import annotations

@@ -134,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
         description="Serve a medx model over HTTP: POST /predict, /segment; GET /health, "
         "/ready, /metadata, /docs. Every flag can be set as MEDX_SERVE_<FLAG>, e.g. "
         "MEDX_SERVE_MAX_BYTES; a flag wins over its variable.",
+        epilog="Exit status: 0 after Ctrl-C; 1 for a bad setting, or a model that cannot be "
+        "loaded (the log says why; the server stops within seconds of starting); 3 when the "
+        "server cannot start (e.g. the port is taken). SIGTERM ends it as that signal does.",
     )
     p.add_argument(
         "model",
