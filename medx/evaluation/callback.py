@@ -378,6 +378,8 @@ def _reading(dm: L.LightningDataModule, split: str) -> tuple | None:
     size = getattr(dm, "image_size", None)
     if samples is None or size is None or not getattr(samples, "paths", None):
         return None
+    if not Path(samples.paths[0]).is_file():  # arrays named like files (MedMNIST's npz:split[i])
+        return None
     return samples.paths, samples.labels, int(size), getattr(dm, "intensity", "none")
 
 
