@@ -5,6 +5,15 @@ MODEL is a checkpoint (.ckpt), a registered model (`models:/NAME/VERSION`,
 command-line door to `medx.inference`, which does the work: the answers are the service's and
 the MLflow pyfunc's for the same image.
 
+Shift monitor (a classifier whose card keeps a shift reference of its validation images,
+written by its evaluation): every row gets `ood_score` (about 1 for a typical validation
+image) and `ood_flag` (above the 99th percentile of validation images); a folder is also
+tested as a set against the validation images (MMD permutation test of the features and a KS
+test of the scores), its p-value, verdict and effect size printed in one line and written to
+OUT/shift.json. One image gets its own columns only: a set test needs a set. A checkpoint
+without a reference (add one with `python -m medx.eval ckpt_path=CKPT`), or an ONNX export,
+is said to have no monitor, once, and predicts all the same.
+
 - A classifier gives one row per image: a calibrated probability per class (the temperature
   fitted on validation; `--no-calibration` for the raw softmax), the predicted class and, for
   binary models, the decision at the operating point chosen on validation, with the threshold,
@@ -122,7 +131,7 @@ def _classify(model: Any, args: argparse.Namespace, out: Path | None) -> list[di
     overlays = _overlay_files(paths, args.input, out) if args.gradcam and out else {}
     writer = _CsvRows(out / "predictions.csv") if out else None
     rows = []
-    stream = predictor.stream(paths, args.batch_size, args.workers)
+    stream = _shift_tested(predictor.stream(paths, args.batch_size, args.workers), paths, out)
     for answer in _progress(stream, len(paths), not args.no_progress):
         row = _row(answer, predictor)
         if answer.overlay is not None and answer.source in overlays:
@@ -168,8 +177,32 @@ def _row(answer: Any, predictor: Any) -> dict[str, Any]:
     if answer.cam_in_lungs is not None:
         row["cam_in_lungs"] = f"{answer.cam_in_lungs:.4f}"
         row["shortcut_alarm"] = "yes" if answer.shortcut_alarm else "no"
+    if answer.ood_score is not None:
+        row["ood_score"] = f"{answer.ood_score:.4f}"
+        row["ood_flag"] = "yes" if answer.ood_flag else "no"
     row["error"] = ""
     return row
+
+
+def _shift_tested(stream: Any, paths: Sequence[Path], out: Path | None) -> Iterator[Any]:
+    """The predictions of `stream`; after the last, for a folder, the shift monitor's test of
+    the whole set: one line, and OUT/shift.json (with `status` "unavailable" and its reason
+    when the model has no monitor, which the predictor has said already)."""
+    yield from stream
+    if len(paths) < 2:
+        return  # one image: its ood columns; a set test needs a set
+    report = stream.shift_report()
+    if report is not None:
+        found = {"status": "tested", **report.to_dict()}
+        found["reference"] = stream.sample.monitor.reference.info
+        print(report.summary())
+    elif stream.sample is not None:
+        found = {"status": "not tested", "reason": "fewer than 2 images were classified"}
+        print(f"shift monitor: not tested ({found['reason']}; a set test needs a set)")
+    else:
+        found = {"status": "unavailable", "reason": stream.unavailable}
+    if out is not None:
+        (out / "shift.json").write_text(json.dumps(found, indent=2))
 
 
 def _overlay_files(paths: Sequence[Path], root: Path, out: Path) -> dict[str, Path]:
