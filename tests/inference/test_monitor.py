@@ -253,3 +253,16 @@ def test_a_site_calibrated_threshold_is_what_every_door_decides_by(site: Site, t
     assert list(out["decision"]) == [a.decision.label for a in answers]
     assert np.allclose(out["ood_score"], [a.ood_score for a in answers], rtol=1e-5)
     assert list(out["ood_flag"]) == [a.ood_flag for a in answers]
+
+
+def test_the_drift_window_is_a_setting(monkeypatch: pytest.MonkeyPatch):
+    from medx.errors import ConfigError
+    from medx.serve.settings import from_args
+
+    assert from_args(["model.ckpt"]).drift_window == DRIFT_WINDOW
+    monkeypatch.setenv("MEDX_SERVE_DRIFT_WINDOW", "500")
+    assert from_args(["model.ckpt"]).drift_window == 500
+    settings = from_args(["model.ckpt", "--drift-window", "50"])  # a flag wins
+    assert settings.drift_window == 50 and Settings.from_env(settings.to_env()) == settings
+    with pytest.raises(ConfigError, match=r"--drift-window 1: .* at least 2 images"):
+        from_args(["model.ckpt", "--drift-window", "1"])
