@@ -1,5 +1,8 @@
 """What every medx command line does with a user error: one clear line, exit status 1.
 
+The line is printed once, on stderr (`prog: message`); a log file that a command keeps (the
+Hydra job's `<job>.log`) gets it as an ERROR record too, the terminal not twice.
+
 A `MedxError` (possibly wrapped by Hydra's instantiate or a DataLoader worker) is a problem
 with the user's input or environment: a traceback would hide the sentence that says what to
 do. So is a third-party module that is not installed (medx has no optional extras: every
@@ -9,8 +12,10 @@ keeps its traceback.
 Also the console scripts (pyproject.toml `[project.scripts]`): `medx-<command> ARGS` is
 `python -m medx.<command> ARGS`, each a function here. It runs the module's `main()` and drops
 its result, which is for Python callers (tests, notebooks): a console script hands what it
-returns to `sys.exit`, where anything but None or an int is an error. The Hydra commands
-(train, eval) answer a plain `--help` with `hydra_help` before Hydra starts.
+returns to `sys.exit`, where anything but None or an int is an error. A command whose exit
+status says more than "it ran" (medx.predict: all, some or none of the inputs predicted)
+names its own entry point that returns that status (`command("medx.predict", "run")`). The
+Hydra commands (train, eval) answer a plain `--help` with `hydra_help` before Hydra starts.
 """
 
 from __future__ import annotations
@@ -75,8 +80,27 @@ def user_errors(prog: str = "medx") -> Iterator[None]:
             )
         if (medx_err := user_error(err)) is None:
             raise
-        log.error("%s", medx_err)
+        _log_to_files(f"{prog}: {medx_err}")
         sys.exit(f"{prog}: {medx_err}")
+
+
+def _log_to_files(message: str) -> None:
+    """`message` as an ERROR record for the handlers of the "medx" logger and its ancestors
+    that do not write to the terminal (log files, pytest's capture): sys.exit prints it there."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if record.levelno >= handler.level and not _writes_to_terminal(handler):
+                handler.handle(record)
+        logger = logger.parent if logger.propagate else None
+
+
+def _writes_to_terminal(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    if isinstance(handler, logging.FileHandler) or stream is None:
+        return False
+    return stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
 
 
 def hydra_help(config_name: str, argv: Sequence[str] | None = None) -> bool:
@@ -123,11 +147,14 @@ def _config_groups(root: Path) -> str:
     return "".join(lines)
 
 
-def command(module: str) -> Callable[[], None]:
-    """The console script of `module` (e.g. "medx.predict"): its `main()`, exit status 0."""
+def command(module: str, function: str = "main") -> Callable[[], None]:
+    """The console script of `module` (e.g. "medx.predict"): its `main()`, exit status 0; or
+    `function`, whose int result is the exit status."""
 
     def run() -> None:
-        importlib.import_module(module).main()
+        status = getattr(importlib.import_module(module), function)()
+        if function != "main" and isinstance(status, int):
+            sys.exit(status)
 
     run.__doc__ = f"`python -m {module}` as a console script."
     return run
@@ -146,7 +173,7 @@ def hydra_command(module: str, config_name: str) -> Callable[[], None]:
 
 train = hydra_command("medx.train", "train")
 eval = hydra_command("medx.eval", "eval")
-predict = command("medx.predict")
+predict = command("medx.predict", "run")
 export = command("medx.export")
 serve = command("medx.serve.__main__")
 score = command("medx.score")

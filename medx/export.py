@@ -53,6 +53,7 @@ unreachable store is a warning, not a failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -426,6 +427,7 @@ def export(
     """Export a medx model (a checkpoint or `models:/` URI) to `out` (default: next to the
     checkpoint, .onnx), verify it, log it."""
     from medx.inference import backend_of, open_model
+    from medx.inference.naming import writable_folder
     from medx.models.card import ModelCard
 
     model = open_model(checkpoint)
@@ -436,7 +438,7 @@ def export(
     out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; give a file name such as model.onnx.")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable_folder(out.parent, "The folder of --out")  # before minutes of exporting
     pictures, described = check_images(images, intensity=ModelCard.from_dict(model.card).intensity)
     check = export_model(model, out, pictures, described, tolerance, opset, size)
     logged = mlflow and log_to_run(model.card, out, check, tracking_uri)
@@ -465,20 +467,24 @@ def export_model(
         raise ExportError(
             f"--opset {opset}: the TorchScript exporter writes opsets 9 to {MAX_OPSET}."
         )
+    from medx.inference.naming import writing
+
     size = size or image_size(model)
     tmp = out.parent / f".{out.name}.unverified"
     try:
-        write_onnx(model, tmp, size, opset)
-        try:
-            check = verify(model, tmp, images, described, tolerance)
-        except CheckError as err:
-            raise CheckError(out, err.diff, err.case, tolerance, err.rounding, False) from err
-        proto = onnx.load(str(tmp))
-        set_metadata(proto, {"medx.check": check.as_dict()})
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
+        with writing(out):  # a folder that cannot be written: one line, not a traceback
+            write_onnx(model, tmp, size, opset)
+            try:
+                check = verify(model, tmp, images, described, tolerance)
+            except CheckError as err:
+                raise CheckError(out, err.diff, err.case, tolerance, err.rounding, False) from err
+            proto = onnx.load(str(tmp))
+            set_metadata(proto, {"medx.check": check.as_dict()})
+            onnx.save(proto, str(tmp))
+            os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # its folder may refuse this too: the error above
+            tmp.unlink(missing_ok=True)  # is the one that says what went wrong
     return check
 
 

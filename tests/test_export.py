@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from onnx import numpy_helper
+from test_predict_edges import read_only
 
 from medx.data.io import read_image
 from medx.export import (
@@ -214,3 +216,46 @@ def test_an_export_is_checked_on_real_chest_x_rays(medx_data: Path, tmp_path: Pa
 
     assert check.max_abs_diff <= 1e-4 and check.cases[1] == "batch 3, 96x96 px"
     assert OnnxModel(tmp_path / "m.onnx").card["onnx"]["check"]["images"] == described
+
+
+_EXPORT_INTO = """
+import sys
+from pathlib import Path
+from medx.errors import MedxError
+from medx.export import export_model
+from medx.models.classifier import ClassificationModule
+
+try:  # straight to the exporter: no folder check before it
+    export_model(ClassificationModule("test_resnet", num_classes=2).eval(), Path(sys.argv[1]),
+                 [], "", size=64)
+except MedxError as err:
+    print(f"{type(err).__name__}: {err}")
+"""
+
+
+def test_an_out_that_cannot_be_written_is_one_line_and_nothing_is_left_behind(
+    make_cfg, tmp_path: Path
+):
+    ckpt, _ = _trained(make_cfg, "logger=none")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as stop:
+        export_main([str(ckpt), "--out", str(notes / "model.onnx"), "--no-mlflow"])
+    message = str(stop.value.code)
+    assert message.startswith("medx.export: ") and "\n" not in message
+    assert f"--out {notes} is a file" in message
+
+    # a read-only file system: the command says so at once; the exporter itself, which gets
+    # there only when the folder turns read-only meanwhile, says so too, without a second
+    # error from cleaning up the file it could not write
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    done = read_only(shelf, sys.executable, "-m", "medx.export", str(ckpt), "--out",
+                     str(shelf / "model.onnx"), "--no-mlflow")  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("medx.export:")]
+    assert "--out" in line and "cannot be written (Read-only file system)" in line
+    inner = read_only(shelf, sys.executable, "-c", _EXPORT_INTO, str(shelf / "m.onnx"))
+    assert "Traceback" not in inner.stderr, inner.stderr
+    assert inner.stdout.startswith("DataError: Could not write") and "Read-only" in inner.stdout
+    assert list(shelf.iterdir()) == []

@@ -91,7 +91,7 @@ def test_a_folder_of_images_dicom_and_bad_files(make_cfg, medx_data: Path, tmp_p
     assert row["threshold_source"].startswith(f"val sensitivity {op['target_sensitivity']}")
     assert card["run"]["id"] in row["model"]
     out = capsys.readouterr().out
-    assert f"{len(found)} images (3 failed)" in out
+    assert f"{len(found)} images: {len(found) - 3} predicted, 3 failed" in out
 
     # one image: one line to the terminal; --threshold overrides the operating point
     predict_main([str(ckpt), str(good), "--threshold", "0.0"])
@@ -104,7 +104,8 @@ def test_a_folder_of_images_dicom_and_bad_files(make_cfg, medx_data: Path, tmp_p
     overlay = cv2.imread(str(tmp_path / "g" / "gradcam" / "reference.png"))
     assert overlay.shape[:2] == gray.shape
     with pytest.raises(SystemExit, match="--gradcam-class 'CAT' is not one of"):
-        predict_main([str(ckpt), str(good), "--gradcam", "--gradcam-class", "CAT"])
+        predict_main([str(ckpt), str(good), "--gradcam", "--gradcam-class", "CAT", "--out",
+                      str(tmp_path / "cat")])  # fmt: skip
 
 
 def test_bad_arguments_get_one_line(make_cfg, tmp_path: Path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import csv
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -29,12 +30,25 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from dicom_files import VARIANTS, cxr_gray, write_dicom_variants
+import torch
+from dicom_files import (
+    VARIANTS,
+    cxr_gray,
+    dicom_dataset,
+    j2k_zeros,
+    save,
+    size_lie,
+    variant_dataset,
+    write_dicom_variants,
+)
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from PIL import Image
+from pydicom import uid
 from test_predict import _png_bomb
 
 from medx.config import compose
+from medx.inference import Predictor
 from medx.predict import main as predict_main
 from medx.predict import predict_folder
 from medx.serve.__main__ import main as serve_main
@@ -303,10 +317,11 @@ def test_refusals_are_json_a_person_can_act_on(server: Server, medx_data: Path, 
 
     # the type comes from the bytes
     (tmp_path / "notes.png").write_text("not an image")
-    _assert_error(_post(url, tmp_path / "notes.png"), 415, "'notes.png'", "JPEG, PNG or DICOM")
-    bmp = tmp_path / "chest.bmp"
-    cv2.imwrite(str(bmp), cxr_gray(medx_data, size=64))
-    _assert_error(_post(url, bmp, "chest.png"), 415, "42 4d")
+    accepted = "JPEG, PNG, BMP, TIFF, WebP or DICOM"
+    _assert_error(_post(url, tmp_path / "notes.png"), 415, "'notes.png'", accepted)
+    gif = tmp_path / "chest.gif"
+    Image.fromarray(cxr_gray(medx_data, size=64)).save(gif)
+    _assert_error(_post(url, gif, "chest.png"), 415, "47 49 46")
     raw = httpx.post(f"{url}/predict", content=png.read_bytes(), headers=AUTH)
     _assert_error(raw, 415, "multipart/form-data", "-F file=@")
 
@@ -336,6 +351,65 @@ def test_refusals_are_json_a_person_can_act_on(server: Server, medx_data: Path, 
     # and the service still serves
     assert _post(url, png).status_code == 200
     assert server.process.poll() is None
+
+
+def test_tiff_bmp_and_webp_are_read_as_medx_predict_reads_them(
+    server: Server, medx_data: Path, tmp_path: Path
+):
+    gray = cxr_gray(medx_data, 1, size=96)
+    png = tmp_path / "chest.png"
+    cv2.imwrite(str(png), gray)
+    reference = _post(server.url, png).json()["probabilities"]
+    lossless = {"tiff": ".tif", "bmp": ".bmp", "webp": ".webp"}
+    for kind, suffix in lossless.items():
+        path = tmp_path / f"chest{suffix}"
+        cv2.imwrite(str(path), gray, [cv2.IMWRITE_WEBP_QUALITY, 101] if kind == "webp" else [])
+        answer = _post(server.url, path, f"scan-{kind}.dat")  # told from the bytes
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["type"] == kind
+        for c, p in reference.items():
+            assert answer.json()["probabilities"][c] == pytest.approx(p, abs=1e-6), kind
+
+    # the scheme of the Authorization header is case-insensitive (RFC 9110)
+    for scheme in ("bearer", "BEARER"):
+        files = {"file": ("chest.png", png.read_bytes())}
+        headers = {"Authorization": f"{scheme} {TOKEN}"}
+        assert httpx.post(f"{server.url}/predict", files=files, headers=headers).status_code == 200
+
+
+def _peak_mb(pid: int) -> float:
+    """The highest resident memory a process has had (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+def test_a_dicom_whose_codestream_lies_about_its_size_is_refused_with_bounded_memory(
+    server: Server, medx_data: Path, tmp_path: Path
+):
+    gray = cxr_gray(medx_data)  # 224 x 224 in the header; 8000 x 8000 in 252 bytes of J2K
+    lie = size_lie(gray, j2k_zeros(8000), uid.JPEG2000Lossless, tmp_path / "lie.dcm")
+    ok = save(variant_dataset("jpeg2000", gray), tmp_path / "ok.dcm")
+    assert _post(server.url, ok).status_code == 200  # the JPEG 2000 decoder is loaded
+    before = _peak_mb(server.process.pid)
+
+    answer = _post(server.url, lie)
+
+    _assert_error(answer, 413, "'lie.dcm'", "64.0 megapixels", "--max-pixels")
+    assert _peak_mb(server.process.pid) - before < 100
+
+
+def test_a_dicom_of_a_kind_medx_does_not_read_is_told_what_to_send(
+    server: Server, medx_data: Path, tmp_path: Path
+):
+    gray = cxr_gray(medx_data, size=64)
+    cine = save(dicom_dataset(np.stack([gray, gray, gray])), tmp_path / "cine.dcm")
+    colour = dicom_dataset(np.zeros((64, 64), np.uint8))
+    colour.set_pixel_data(cv2.merge([gray, gray, gray]), "RGB", 8)
+    colour = save(colour, tmp_path / "colour.dcm")
+
+    for path, words in ((cine, ("3 frames", "one file per frame")), (colour, ("RGB", "grayscale"))):
+        message = _assert_error(_post(server.url, path), 422, f"'{path.name}'", *words)
+        assert "single-frame grayscale" in message and "uncorrupted" not in message
 
 
 def test_eight_clients_at_once_without_errors_or_growing_memory(server: Server, medx_data: Path):
@@ -437,6 +511,60 @@ def test_a_model_that_cannot_load_is_reported_and_browsers_get_cors(tmp_path: Pa
         assert refused.headers["access-control-allow-origin"] == origin
         other = httpx.get(f"{url}/health", headers={"Origin": "https://elsewhere.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+SECRET_URI = "https://alice:s3cret@mlflow.example.org/?token=t0k3n"
+
+
+def test_credentials_in_a_tracking_uri_never_reach_metadata_or_the_card(
+    models: Models, tmp_path: Path
+):
+    # a card as an older medx or another tool wrote it: the credentials stored in the file
+    stored = torch.load(models.classifier, weights_only=True)
+    stored["medx"]["run"]["tracking_uri"] = SECRET_URI
+    stored["medx"]["registry"] = {"uri": "postgresql://bob:hunter2@db.example/mlflow"}
+    checkpoint = tmp_path / "site" / "model.ckpt"
+    checkpoint.parent.mkdir()
+    torch.save(stored, checkpoint)
+    secrets = ("s3cret", "t0k3n", "hunter2", "alice", "bob")
+
+    with serving(Settings(model=str(checkpoint), threads=1)) as url:
+        shown = httpx.get(f"{url}/metadata").text
+
+    for secret in (*secrets, str(tmp_path)):
+        assert secret not in shown, secret
+    assert "REDACTED@mlflow.example.org" in shown  # what is not secret stays
+    card = Predictor.from_checkpoint(checkpoint).card.to_dict()
+    assert not any(secret in json.dumps(card) for secret in secrets)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_server_whose_model_cannot_load_exits_non_zero(tmp_path: Path, workers: int):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_text("not a checkpoint")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDX_SERVE_")}
+    command = [sys.executable, "-m", "medx.serve", str(broken), "--host", "0.0.0.0", "--port",
+               str(_free_port()), "--workers", str(workers), "--threads", "1"]  # fmt: skip
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        status = process.wait(120)  # torch's import, then the load fails: seconds
+    finally:
+        if process.poll() is None:
+            process.kill()
+    printed = log.read_text()
+    assert status == 1, printed[-3000:]
+    assert "without a token" in printed  # 0.0.0.0 and no token: said at start
+    assert 1 <= printed.count("cannot serve") <= workers, printed[-3000:]  # said once a worker
+    assert "not a PyTorch checkpoint" in printed
+
+
+def test_a_threshold_that_is_no_probability_is_refused(tmp_path: Path):
+    for value in ("nan", "1.5"):
+        with pytest.raises(SystemExit, match=f"--qc-threshold {value}: a threshold is") as stop:
+            serve_main(["model.ckpt", "--qc", "qc.ckpt", "--qc-threshold", value])
+        assert "\n" not in str(stop.value.code)
 
 
 def test_settings_come_from_flags_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_path):

@@ -59,7 +59,7 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
-from medx.data.io import _bad
+from medx.data.io import UnsupportedImageError, _bad
 from medx.data.limits import check_dataset, check_file
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -305,7 +305,8 @@ def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
         raise _bad(
             path,
             f"is a colour DICOM image (PhotometricInterpretation {photometric}, "
-            f"{samples} samples per pixel); {_SUPPORTED}",
+            f"{samples} samples per pixel); {_SUPPORTED}: send it as a grayscale image",
+            UnsupportedImageError,
         )
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames != 1:
@@ -313,6 +314,7 @@ def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
             path,
             f"is a multi-frame DICOM image ({frames} frames); {_SUPPORTED}; "
             "split it into one file per frame",
+            UnsupportedImageError,
         )
     syntax = _transfer_syntax(ds, path)
     try:
@@ -324,7 +326,11 @@ def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
             f"decoded ({_reason(exc)})",
         ) from exc
     if stored.ndim != 2:
-        raise _bad(path, f"decodes to pixel array shape {stored.shape}; {_SUPPORTED}")
+        raise _bad(
+            path,
+            f"decodes to pixel array shape {stored.shape}; {_SUPPORTED}",
+            UnsupportedImageError,
+        )
     return stored
 
 
@@ -351,6 +357,7 @@ def _transfer_syntax(ds: Dataset, path: Path) -> UID:
             path,
             f"uses the transfer syntax {syntax.name} ({syntax}), for which pydicom has no "
             f"decoder; {_CONVERT}",
+            UnsupportedImageError,
         ) from exc
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies)
@@ -359,6 +366,7 @@ def _transfer_syntax(ds: Dataset, path: Path) -> UID:
             f"uses the transfer syntax {syntax.name} ({syntax}), and no decoder for it is "
             f"installed ({needs}); install the pylibjpeg plugins of requirements.lock, or "
             f"{_CONVERT}",
+            UnsupportedImageError,
         )
     return syntax
 

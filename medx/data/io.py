@@ -75,13 +75,19 @@ class BadImageError(DataError):
         self.path = path
 
 
+class UnsupportedImageError(BadImageError):
+    """A valid image of a kind medx does not read (a colour or multi-frame DICOM, a transfer
+    syntax without a decoder): the message says what is not supported and what medx reads,
+    so a service asks for another kind of image, not for the same file again."""
+
+
 def with_hint(err: BaseException, hint: str) -> str:
     """The error's message with medx.train's "what to do" replaced by a command's own."""
     return str(err).replace(_WHAT_TO_DO, hint).strip()
 
 
-def _bad(path: Path, problem: str) -> BadImageError:
-    return BadImageError(f"Image {path} {problem}. {_WHAT_TO_DO}", path)
+def _bad(path: Path, problem: str, kind: type[BadImageError] = BadImageError) -> BadImageError:
+    return kind(f"Image {path} {problem}. {_WHAT_TO_DO}", path)
 
 
 def corrupt_image_error(path: Path, warning: str) -> BadImageError:

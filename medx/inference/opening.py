@@ -12,6 +12,7 @@ was opened from (`card["checkpoint"]`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ from medx.inference.onnx_model import OnnxModel
 from medx.models.card import ModelCard
 from medx.models.load import load
 
-__all__ = ["backend_of", "is_model_uri", "open_model"]
+__all__ = ["backend_of", "is_model_uri", "open_model", "warn_if_synthetic"]
+
+log = logging.getLogger(__name__)
 
 URI_PREFIX = "models:/"
+_WARNED: set[str] = set()  # models whose synthetic training data this process has warned of
 
 
 def is_model_uri(source: str | Path) -> bool:
@@ -92,3 +96,18 @@ def _hparam(model: Any, name: str) -> Any:
 def device_of(model: Any) -> torch.device:
     """Where the model's inputs must go."""
     return getattr(model, "device", torch.device("cpu"))
+
+
+def warn_if_synthetic(card: ModelCard, source: str) -> None:
+    """Warn, once per model and process, that a model trained on synthetic data (the phantom)
+    is being used: its answers on real images mean nothing clinically."""
+    data = card.synthetic_data
+    if data is None or source in _WARNED:
+        return
+    _WARNED.add(source)
+    log.warning(
+        "%s was trained on synthetic data (data=%s), never on a real image: its answers on "
+        "real images are not clinical evidence. Train it on real data to use it.",
+        source,
+        data,
+    )

@@ -30,7 +30,13 @@ import torch
 
 from medx.errors import ConfigError, DataError, MedxError
 from medx.inference.decision import Decision, DecisionRule
-from medx.inference.opening import backend_of, checked_card, device_of, open_model
+from medx.inference.opening import (
+    backend_of,
+    checked_card,
+    device_of,
+    open_model,
+    warn_if_synthetic,
+)
 from medx.inference.quality import Quality, QualityGate
 from medx.inference.reading import (
     MAX_PIXELS,
@@ -451,6 +457,7 @@ class Predictor:
         wanted = [i for i, r in enumerate(results) if not r.error and not refused[i]]
         if not wanted:
             return results
+        warn_if_synthetic(self.card, self.source)
         batch = x[wanted].to(device_of(self.model))
         probs, monitored = self._forward(batch)
         explain = gradcam or self.lungs is not None

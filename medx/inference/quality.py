@@ -19,7 +19,7 @@ import torch
 
 from medx.errors import ConfigError, DataError
 from medx.inference.decision import check_threshold
-from medx.inference.opening import checked_card, open_model
+from medx.inference.opening import checked_card, open_model, warn_if_synthetic
 from medx.inference.reading import ModelInput
 
 __all__ = ["QC_MODES", "Quality", "QualityGate"]
@@ -105,6 +105,7 @@ class QualityGate:
 
     def p_bad(self, image: np.ndarray) -> float:
         """The probability that an HxWx3 uint8 RGB image (decoded as is) is bad."""
+        warn_if_synthetic(self.card, self.source)
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         x = self.model_input(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))[None]
         with torch.inference_mode():

@@ -13,6 +13,7 @@ for training data.
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medx.data.intensity import standardise
-from medx.data.io import BadImageError, is_hidden, is_image_file, read_image, with_hint
+from medx.data.io import BadImageError, find_images, read_image, with_hint
 from medx.data.limits import TooManyPixels, check_declared_size, declared_sizes
 from medx.data.transforms import ImageTransform
 from medx.errors import DataError, MedxError
@@ -57,25 +58,21 @@ PixelLimitError = TooManyPixels
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def find_inputs(path: str | Path) -> list[Path]:
+def find_inputs(path: str | Path, skipped: Counter[str] | None = None) -> list[Path]:
     """One image file, or every image file under a folder (recursively, hidden folders and
-    `__MACOSX` left out), sorted.
+    `__MACOSX` left out), sorted. What a folder holds besides images (broken symlinks, other
+    file types) is left out with a warning that counts it, as training does.
 
     Args:
         path: an image file or a folder.
+        skipped: counts what was left out, by reason (`medx.data.io.SKIP_REASONS`).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"Input {path} does not exist; give an image file or a folder.")
     if path.is_file():
         return [path]
-    found = sorted(
-        p
-        for p in path.rglob("*")
-        if not any(is_hidden(Path(part)) for part in p.relative_to(path).parts)
-        and p.is_file()
-        and is_image_file(p)
-    )
+    found = find_images(path, skipped)
     if not found:
         raise DataError(f"{path} holds no images ({TYPES}), also in subfolders.")
     return found
@@ -140,7 +137,7 @@ def _renamed(err: BadImageError, path: Path, name: str | None) -> BadImageError:
     message = message if shown in message else f"{shown}: {message}"
     if isinstance(err, PixelLimitError):
         return PixelLimitError(message, path, err.pixels, err.limit)
-    return BadImageError(message, path)
+    return type(err)(message, path)  # an UnsupportedImageError stays one
 
 
 def _from_array(image: np.ndarray, max_pixels: int, intensity: str, name: str) -> np.ndarray:

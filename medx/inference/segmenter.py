@@ -19,7 +19,7 @@ import torch
 
 from medx.errors import DataError, MedxError
 from medx.inference.decision import check_threshold
-from medx.inference.opening import backend_of, checked_card, open_model
+from medx.inference.opening import backend_of, checked_card, open_model, warn_if_synthetic
 from medx.inference.reading import MAX_PIXELS, Item, Source, as_items, describe, read
 from medx.models.postprocess import make_postprocess
 
@@ -144,6 +144,7 @@ class Segmenter:
 
     def mask(self, image: np.ndarray) -> np.ndarray:
         """The mask of pixels decoded by `read` (HxW uint8 0/255, at their size)."""
+        warn_if_synthetic(self.card, self.source)
         return predict_mask(self.model, image, self.threshold, self.postprocess)
 
     def segment(

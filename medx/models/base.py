@@ -121,6 +121,7 @@ class TransferModule(MedxModule):
         self.scheduler_factory = scheduler
         self.blocks, self.head = blocks, head
         self._param_groups = strategy.apply(self.net, blocks, head)
+        self._strategy_summary = strategy.summary(self.net, blocks)
         if strategy.unfreeze_last is not None and not starts_trained:
             log.warning(
                 "strategy=%s freezes backbone blocks, but the backbone is randomly initialised "
@@ -157,6 +158,7 @@ class TransferModule(MedxModule):
         self.train()  # Lightning leaves module modes alone; re-assert the frozen blocks' eval
 
     def configure_optimizers(self) -> Any:
+        log.info("%s", self._strategy_summary)
         optimizer = self.optimizer_factory(self._param_groups)
         for group in optimizer.param_groups:  # the strategy's lower backbone LR
             group["lr"] *= group["lr_scale"]

@@ -58,15 +58,17 @@ class Strategy:
             groups.append(
                 {"name": "backbone", "params": backbone, "lr_scale": self.backbone_lr_scale}
             )
-        frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
-        log.info(
-            "strategy=%s: %d/%d blocks trainable, %.2f M parameters frozen",
-            self.name,
-            len(self.trainable_blocks(blocks)),
-            len(blocks),
-            frozen / 1e6,
-        )
         return groups
+
+    def summary(self, model: nn.Module, blocks: list[list[str]]) -> str:
+        """What `apply` set, for the training log (logged when an optimizer is made, so that
+        loading a model to use it says nothing about training)."""
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        trainable = len(self.trainable_blocks(blocks))
+        return (
+            f"strategy={self.name}: {trainable}/{len(blocks)} blocks trainable, "
+            f"{frozen / 1e6:.2f} M parameters frozen"
+        )
 
     def start_epoch(self, model: nn.Module, blocks: list[list[str]], epoch: int) -> None:
         """Two-stage: from epoch `head_epochs` on, the last `unfreeze_last` blocks train too."""

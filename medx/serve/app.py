@@ -4,7 +4,11 @@
 processes call (`MEDX_SERVE_*` variables, see `settings`). The model is loaded once, in a
 thread started at start-up, so the server answers `/health` at once and `/ready` says 503
 until the model (and its warm-up pass) is ready; requests for predictions meanwhile get 503
-with a Retry-After. Decoding and inference run in worker threads, at most `cpu_count` at a
+with a Retry-After. A model that cannot be loaded will not load on a retry either: the
+command's process (`app_from_env`) logs why in one line and exits with a non-zero status
+(`stop_process`), so a supervisor or an orchestrator sees the failure instead of a service
+that answers 503 forever; an app made by `create_app` alone keeps answering 503 with the
+reason. Decoding and inference run in worker threads, at most `cpu_count` at a
 time, never on the event loop, which keeps serving health checks and reading uploads.
 
 Every answer has a pydantic model (`PredictAnswer`, `MetadataAnswer`, ..., `ErrorAnswer` for
@@ -18,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +39,7 @@ from starlette.middleware import Middleware
 import medx
 from medx.errors import MedxError
 from medx.serve.docs import install_docs
-from medx.serve.limits import Guard, Refused, error_body, error_response
+from medx.serve.limits import TYPES, Guard, Refused, error_body, error_response
 from medx.serve.settings import Settings
 from medx.serve.uploads import read_upload, receive_upload, temporary_folder, warm_up_decoding
 
@@ -53,7 +57,7 @@ _UPLOAD = {  # the request body of /predict and /segment, for /docs (parsed by u
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "a JPEG, PNG or DICOM file",
+                            "description": "a JPEG, PNG, BMP, TIFF, WebP or DICOM file",
                         }
                     },
                 }
@@ -120,7 +124,9 @@ class PredictAnswer(BaseModel):
     """POST /predict: the answer for one image."""
 
     file: str = Field(description="the uploaded file's name")
-    type: Literal["jpeg", "png", "dicom"] = Field(description="told from its bytes")
+    type: Literal["jpeg", "png", "bmp", "tiff", "webp", "dicom"] = Field(
+        description="told from its bytes"
+    )
     size: list[int] = Field(description="[width, height] in pixels")
     predicted: str | None = Field(description="the most probable class (null: refused)")
     probabilities: dict[str, float] | None = Field(description="per class, on `scale`")
@@ -208,7 +214,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "the wrong endpoint for this model, or explain=true on ONNX"),
         (401, "a bearer token is required"),
         (413, "too many bytes or pixels"),
-        (415, "not a JPEG, PNG or DICOM file"),
+        (415, "not a JPEG, PNG, BMP, TIFF, WebP or DICOM file"),
         (422, "an unreadable image or a malformed request"),
         (503, "the model is loading, or could not be loaded"),
     )
@@ -216,10 +222,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class Slot:
-    """The model once loaded in its background thread, or why loading failed."""
+    """The model once loaded in its background thread, or why loading failed.
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    Args:
+        settings: what to load.
+        on_failure: called with the reason when loading fails (after it is logged), e.g.
+            `stop_process`; None: the app answers 503 with the reason.
+    """
+
+    def __init__(self, settings: Settings, on_failure: Callable[[str], None] | None = None) -> None:
+        self.settings, self.on_failure = settings, on_failure
         self.model: Any = None  # a medx.serve.model.ServedModel once loaded
         self.error: str | None = None
         self.thread = threading.Thread(target=self._load, name="medx-load-model", daemon=True)
@@ -238,6 +250,8 @@ class Slot:
             self.error = f"{type(err).__name__}: {err}"
         if self.error:
             log.error("medx.serve cannot serve %s: %s", self.settings.model, self.error)
+            if self.on_failure is not None:
+                self.on_failure(self.error)
         else:
             seconds = time.perf_counter() - start
             log.info("Ready: %s (%s) in %.1f s", self.model.info["id"], self.model.backend, seconds)
@@ -256,9 +270,15 @@ class Slot:
         )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The service for `settings` (see the module docstring)."""
-    slot = Slot(settings)
+def create_app(settings: Settings, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """The service for `settings` (see the module docstring).
+
+    Args:
+        settings: the model and limits.
+        on_load_failure: what to do when the model cannot be loaded, besides logging why
+            (`stop_process` ends the process; None: answer 503 with the reason).
+    """
+    slot = Slot(settings, on_load_failure)
     work = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
 
     @asynccontextmanager
@@ -279,7 +299,7 @@ def create_app(settings: Settings) -> FastAPI:
         title="medx",
         version=medx.__version__,
         description="A medx model over HTTP: classify (POST /predict) or segment (POST "
-        "/segment) a JPEG, PNG or DICOM image.",
+        "/segment) a JPEG, PNG, BMP, TIFF, WebP or DICOM image.",
         lifespan=lifespan,
         middleware=middleware,
         docs_url=None,  # served by install_docs from the package's files, not a CDN
@@ -398,10 +418,38 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn's factory (`medx.serve.app:app_from_env`): the settings from MEDX_SERVE_*."""
+    """uvicorn's factory (`medx.serve.app:app_from_env`): the settings from MEDX_SERVE_*; a
+    model that cannot be loaded ends the process (`stop_process`)."""
     if not logging.getLogger().handlers:  # a worker process: medx's log lines, as uvicorn's
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return create_app(Settings.from_env())
+    return create_app(Settings.from_env(), stop_process)
+
+
+# How a process that cannot load its model ends: a worker of `--workers N` with uvicorn's
+# STARTUP_FAILURE status, on which uvicorn's supervisor stops instead of restarting it (and
+# tells the command through FAILURE_FILE), the one process of `--workers 1` with status 1.
+WORKER_FAILED, FAILED = 3, 1
+FAILURE_FILE = "MEDX_SERVE_FAILURE_FILE"
+
+
+def stop_process(reason: str) -> None:
+    """End this server process at once, its log flushed: the model cannot be loaded, and
+    nothing it could answer but 503 would help anyone."""
+    import multiprocessing
+    import shutil
+    import sys
+
+    worker = multiprocessing.parent_process() is not None
+    marker = os.environ.get(FAILURE_FILE)
+    if marker and worker:
+        Path(marker).write_text(reason)
+    elif marker:  # the command's own process: nothing will clean its temporary folder
+        shutil.rmtree(Path(marker).parent, ignore_errors=True)
+    for handler in logging.getLogger().handlers + logging.getLogger("uvicorn").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(WORKER_FAILED if worker else FAILED)
 
 
 def _png(mask: Any) -> bytes:
@@ -417,7 +465,7 @@ def _limits(settings: Settings) -> dict[str, Any]:
     return {
         "max_bytes": settings.max_bytes,
         "max_pixels": settings.max_pixels,
-        "types": ["jpeg", "png", "dicom"],
+        "types": list(TYPES),
         "token_required": settings.token is not None,
     }
 

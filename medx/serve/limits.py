@@ -6,8 +6,10 @@
   or a client that lies) when the count of bytes received passes the limit, while it streams:
   the rest is never read. Any answer given before the body was read to its end closes the
   connection, so the server does not read (to drain it) what it refused.
-- A type other than JPEG, PNG or DICOM: 415, told from the file's first bytes, never from
-  its name or the Content-Type a client claims.
+- A type other than JPEG, PNG, BMP, TIFF, WebP or DICOM (what `medx.predict` reads): 415,
+  told from the file's first bytes, never from its name or the Content-Type a client claims.
+- The token is compared in constant time; the scheme word is case-insensitive (`bearer` is
+  `Bearer`, RFC 9110 11.1).
 
 `Guard` is plain ASGI middleware around the whole app, so it sees the request before any
 form parsing (Starlette's multipart parser spools uploads to disk as they arrive) and counts
@@ -37,7 +39,9 @@ OPEN_PATHS = frozenset(
     {"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json", *ASSET_PATHS}
 )
 SNIFF_BYTES = 132  # DICOM's "DICM" marker sits at bytes 128..131
-ACCEPTED = "JPEG, PNG or DICOM (Part 10: with the DICM marker at byte 128)"
+ACCEPTED = "JPEG, PNG, BMP, TIFF, WebP or DICOM (Part 10: with the DICM marker at byte 128)"
+TYPES = ("jpeg", "png", "bmp", "tiff", "webp", "dicom")
+_BMP_HEADERS = (12, 40, 52, 56, 64, 108, 124)  # the sizes of BMP's info headers (after 14 bytes)
 
 
 class Refused(MedxError):
@@ -59,13 +63,19 @@ def error_response(err: Refused) -> JSONResponse:
 
 
 def sniff(head: bytes) -> str | None:
-    """'jpeg', 'png' or 'dicom' from a file's first SNIFF_BYTES bytes; None for anything else."""
+    """One of TYPES from a file's first SNIFF_BYTES bytes; None for anything else."""
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head[128:132] == b"DICM":
         return "dicom"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in _BMP_HEADERS:
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
     return None
 
 
@@ -99,7 +109,7 @@ class Guard:
 
     def __init__(self, app: ASGIApp, max_bytes: int, token: str | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,9 +129,13 @@ class Guard:
         if self.expected is None or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             return None
         given = headers.get(b"authorization")
-        if given is not None and secrets.compare_digest(given, self.expected):
+        scheme, _, credentials = (given or b"").strip().partition(b" ")
+        bearer = scheme.lower() == b"bearer"
+        if bearer and secrets.compare_digest(credentials.strip(), self.expected):
             return None
         problem = "no Authorization header" if given is None else "a wrong token"
+        if given is not None and not bearer:
+            problem = "another scheme than Bearer"
         return Refused(
             401,
             f"This service needs a bearer token and the request had {problem}. Send the "

@@ -9,6 +9,8 @@ user of the machine can read in the process list.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -59,6 +61,22 @@ class Settings:
             raise ConfigError(f"--qc-mode {self.qc_mode!r}: choose one of {', '.join(QC_MODES)}.")
         if self.token is not None and not self.token.strip():
             raise ConfigError("--token / MEDX_SERVE_TOKEN is empty; give a secret or unset it.")
+        q = self.qc_threshold
+        if q is not None and not (math.isfinite(q) and 0.0 <= q <= 1.0):
+            raise ConfigError(
+                f"--qc-threshold {q}: a threshold is a probability between 0 and 1 "
+                "(e.g. --qc-threshold 0.3)."
+            )
+
+    @property
+    def exposed(self) -> bool:
+        """Listening beyond this machine (a host that is not a loopback address)."""
+        if self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: whichever interface it names
+            return True
 
     def check_files(self) -> None:
         """Fail at once, before the server starts, on a model file that is not there (the
@@ -123,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
         description="Serve a medx model over HTTP: POST /predict, /segment; GET /health, "
         "/ready, /metadata, /drift, /docs. Every flag can be set as MEDX_SERVE_<FLAG>, e.g. "
         "MEDX_SERVE_MAX_BYTES; a flag wins over its variable.",
+        epilog="Exit status: 0 after Ctrl-C; 1 for a bad setting, or a model that cannot be "
+        "loaded (the log says why; the server stops within seconds of starting); 3 when the "
+        "server cannot start (e.g. the port is taken). SIGTERM ends it as that signal does.",
     )
     p.add_argument(
         "model",

@@ -1,11 +1,13 @@
 """From a multipart request to decoded pixels, by the inference core's reader.
 
 The upload (form field `file`) is written to a temporary file named by the type its bytes
-show (`upload.jpg`, `upload.png`, `upload.dcm`), and read by `medx.inference` as any file on
-disk: the declared pixel count is judged before anything is decoded, then the file is decoded
-(DICOM's pixel pipeline included) with the model's intensity step, so the service and
-`medx.predict` see the same pixels. Errors name the upload, not a temporary path, and say what
-to send instead (413 for too many pixels, 422 for an unreadable file).
+show (`upload.jpg`, `upload.png`, `upload.tif`, `upload.dcm`, ...), and read by
+`medx.inference` as any file on disk: the declared pixel count is judged before anything is
+decoded, then the file is decoded (DICOM's pixel pipeline included) with the model's
+intensity step, so the service and `medx.predict` see the same pixels. Errors name the
+upload, not a temporary path, and say what to send instead (413 for too many pixels, 422 for
+an unreadable file, or for a valid image of a kind medx does not read, such as a multi-frame
+or colour DICOM, whose message says what to send rather than asking for the same file again).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from medx.data.io import BadImageError
 from medx.serve.limits import SNIFF_BYTES, Refused, sniff, unsupported_type
 
 FIELD = "file"
-SUFFIXES = {"jpeg": ".jpg", "png": ".png", "dicom": ".dcm"}
+SUFFIXES = {
+    "jpeg": ".jpg",
+    "png": ".png",
+    "bmp": ".bmp",
+    "tiff": ".tif",
+    "webp": ".webp",
+    "dicom": ".dcm",
+}
 _IN_LOOP = 1 << 20  # uploads up to this size are copied on the event loop (Starlette keeps
 # them in memory); larger ones, spooled to disk, are copied in a worker thread
 _SEND_ANOTHER = "Send the complete, uncorrupted file again, or another image."
@@ -86,6 +95,7 @@ async def _copy(part: UploadFile, out: BinaryIO) -> None:
 def refusals(upload: Upload) -> Iterator[None]:
     """The core's reading errors as the service's refusals, naming the upload: 413 for an
     image over --max-pixels (refused before decoding), 422 for one that cannot be read."""
+    from medx.data.io import UnsupportedImageError
     from medx.inference import PixelLimitError
 
     try:
@@ -97,6 +107,8 @@ def refusals(upload: Upload) -> Iterator[None]:
             f"--max-pixels {err.limit / 1e6:.1f} M: refused before decoding. Send it at a "
             "lower resolution, or ask the operator to raise --max-pixels.",
         ) from err
+    except UnsupportedImageError as err:  # the message says what medx reads: send that
+        raise Refused(422, str(err)) from err
     except BadImageError as err:
         raise Refused(422, f"{err} {_SEND_ANOTHER}") from err
 

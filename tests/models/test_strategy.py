@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 
@@ -118,3 +120,13 @@ def test_two_stage_unfreezes_the_last_blocks_at_head_epochs(phantom_cache):
     assert groups["head"]["lr"] == 0.5 and groups["backbone"]["lr"] == 0.05
     last_block = {id(p) for n, p in model.net.named_parameters() if n in model.blocks[-1]}
     assert {id(p) for p in groups["backbone"]["params"]} == last_block
+
+
+def test_the_strategy_is_logged_when_training_starts_not_when_a_model_is_built(
+    phantom_cache, caplog
+):
+    with caplog.at_level(logging.INFO, logger="medx.models"):
+        model = ClassificationModule("test_resnet", num_classes=2, strategy=Strategy("freeze", 0))
+        assert "blocks trainable" not in caplog.text  # e.g. loaded to predict: nothing said
+        _fit(model.strategy, phantom_cache)
+    assert "strategy=freeze: 0/" in caplog.text and "blocks trainable" in caplog.text
