@@ -5,15 +5,6 @@ MODEL is a checkpoint (.ckpt), a registered model (`models:/NAME/VERSION`,
 command-line door to `medx.inference`, which does the work: the answers are the service's and
 the MLflow pyfunc's for the same image.
 
-Shift monitor (a classifier whose card keeps a shift reference of its validation images,
-written by its evaluation): every row gets `ood_score` (about 1 for a typical validation
-image) and `ood_flag` (above the 99th percentile of validation images); a folder is also
-tested as a set against the validation images (MMD permutation test of the features and a KS
-test of the scores), its p-value, verdict and effect size printed in one line and written to
-OUT/shift.json. One image gets its own columns only: a set test needs a set. A checkpoint
-without a reference (add one with `python -m medx.eval ckpt_path=CKPT`), or an ONNX export,
-is said to have no monitor, once, and predicts all the same.
-
 - A classifier gives one row per image: a calibrated probability per class (the temperature
   fitted on validation; `--no-calibration` for the raw softmax), the predicted class and, for
   binary models, the decision at the operating point chosen on validation, with the threshold,
@@ -31,6 +22,15 @@ inputs never share an overlay, and each row names its own in the `gradcam` colum
 test-time augmentation (`--tta`), a quality gate (`--qc QC_MODEL`), lung masks and the share
 of the Grad-CAM inside them (`--lungs SEG_MODEL`), and the clinical metrics of a labelled set
 (`--labels`). An option that would change nothing for this model or these options is refused.
+
+The shift monitor (a classifier whose card keeps a shift reference of its validation images,
+written by its evaluation): every row gets `ood_score` (about 1 for a typical validation
+image) and `ood_flag` (above the 99th percentile of validation images); a folder is also
+tested as a set against the validation images (MMD permutation test of the features and a KS
+test of the scores), its p-value, verdict and effect size printed in one line and written to
+OUT/shift.json. One image gets its own columns only: a set test needs a set. A checkpoint
+without a reference (add one with `python -m medx.eval ckpt_path=CKPT`), or an ONNX export,
+is said to have no monitor, once, and predicts all the same.
 
 --labels (metrics with 95% CIs, printed and written to OUT/metrics.json):
   --labels            class folders: the folder directly under INPUT names the class of every
@@ -263,7 +263,7 @@ def _classify(
     writer = _CsvRows(out / "predictions.csv") if out else None
     printed = out is None or len(paths) == 1
     rows = []
-    stream = _shift_tested(predictor.stream(paths, args.batch_size, args.workers), paths, out)
+    stream = predictor.stream(paths, args.batch_size, args.workers)
     for answer in _progress(stream, len(paths), not args.no_progress):
         row = _row(answer, predictor)
         if answer.overlay is not None and answer.source in overlays:
@@ -281,6 +281,7 @@ def _classify(
     outcome = Outcome(len(rows), sum(bool(r["error"]) for r in rows))
     if len(paths) > 1 or out is not None:
         print(_counts(rows, outcome, skipped, out))
+    _shift_report(stream, paths, out)
     if args.labels:
         labels = None if args.labels is True else args.labels
         _labelled_metrics(rows, predictor.classes, paths, args.input, labels, out, predictor.rule)
@@ -355,11 +356,10 @@ def _row(answer: Any, predictor: Any) -> dict[str, Any]:
     return row
 
 
-def _shift_tested(stream: Any, paths: Sequence[Path], out: Path | None) -> Iterator[Any]:
-    """The predictions of `stream`; after the last, for a folder, the shift monitor's test of
-    the whole set: one line, and OUT/shift.json (with `status` "unavailable" and its reason
-    when the model has no monitor, which the predictor has said already)."""
-    yield from stream
+def _shift_report(stream: Any, paths: Sequence[Path], out: Path | None) -> None:
+    """For a folder, once `stream` is spent: the shift monitor's test of the whole set, one
+    line, and OUT/shift.json (`status` "unavailable" with its reason when the model has no
+    monitor, which the predictor has said already)."""
     if len(paths) < 2:
         return  # one image: its ood columns; a set test needs a set
     report = stream.shift_report()
@@ -373,7 +373,10 @@ def _shift_tested(stream: Any, paths: Sequence[Path], out: Path | None) -> Itera
     else:
         found = {"status": "unavailable", "reason": stream.unavailable}
     if out is not None:
-        (out / "shift.json").write_text(json.dumps(found, indent=2))
+        from medx.inference.naming import writing
+
+        with writing(out / "shift.json"):
+            (out / "shift.json").write_text(json.dumps(found, indent=2))
 
 
 def _overlay_files(paths: Sequence[Path], root: Path, out: Path) -> dict[str, Path]:
