@@ -2,8 +2,10 @@
 
 Prints images/s end to end (files → predictions.csv through DataLoader workers), model-only
 (tensors already in memory), decode-only (the readers alone), the ratio end-to-end ÷
-model-only (goal ≥ 0.8 with 2 workers on a 2-core CPU), and Grad-CAM and TTA cost as
-multiples of a plain prediction. Each figure is the median of `--repeats` runs; the sides
+model-only (goal ≥ 0.8 with 2 workers on a 2-core CPU), Grad-CAM and TTA cost as multiples
+of a plain prediction, and the shift monitor's: end to end with a shift reference on the card
+(features from the same pass, each image's OOD score, and the set test of the folder at the
+end) against without. Each figure is the median of `--repeats` runs; the sides
 alternate within a repeat, so a noisy neighbour slows all of them alike.
 
 Usage: MEDX_DATA=/path python benchmarks/predict.py [--images 64] [--repeats 3] [--size 224]
@@ -27,6 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 
 from medx.data.io import read_image
 from medx.data.transforms import ImageTransform
+from medx.evaluation.drift import ShiftReference
 from medx.evaluation.explain import grad_cam
 from medx.evaluation.tta import tta_logits
 from medx.inference import Predictor
@@ -92,10 +95,16 @@ def main() -> None:
     model = ClassificationModule("resnet18", 2).eval()  # untrained: the cost is the same
     model.card = {"class_names": ["NORMAL", "PNEUMONIA"], "input": {"image_size": args.size}}
     x = torch.rand(args.batch_size, 3, args.size, args.size)
-    predictor = Predictor(model)  # what medx.predict streams a folder through
+    predictor = Predictor(model, monitor=False)  # what medx.predict streams a folder through
+    monitored = Predictor(with_reference(model, args.size))
 
-    def end_to_end(paths: list[Path]) -> list:
-        return list(predictor.stream(paths, args.batch_size, args.workers))
+    def end_to_end(paths: list[Path], by: Predictor = predictor) -> list:
+        return list(by.stream(paths, args.batch_size, args.workers))
+
+    def with_shift_test(paths: list[Path]) -> None:
+        stream = monitored.stream(paths, args.batch_size, args.workers)
+        assert all(a.ood_score is not None for a in stream)
+        assert stream.shift_report() is not None
 
     transform = ImageTransform(args.size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +117,7 @@ def main() -> None:
             "decode only, DICOM": lambda: [transform(read_image(p)) for p in inputs["dicom"]],
             "end to end, JPEG": lambda: end_to_end(inputs["jpeg"]),
             "end to end, DICOM": lambda: end_to_end(inputs["dicom"]),
+            "end to end, JPEG, shift monitor": lambda: with_shift_test(inputs["jpeg"]),
             "Grad-CAM": lambda: [grad_cam(model, x) for _ in range(batches)],
             "TTA": lambda: [tta_logits_no_grad(model, x) for _ in range(batches)],
         }
@@ -122,15 +132,29 @@ def main() -> None:
         f"{n} images 1024x1024 -> {args.size} px, resnet18, batch {args.batch_size}, "
         f"{args.workers} workers, {torch.get_num_threads()} threads, median of {args.repeats}"
     )
-    print(f"{'measure':<22} {'images/s':>9}")
+    print(f"{'measure':<32} {'images/s':>9}")
     for name, value in rate.items():
-        print(f"{name:<22} {value:9.1f}")
+        print(f"{name:<32} {value:9.1f}")
     for kind in ("JPEG", "DICOM"):
         ratio = rate[f"end to end, {kind}"] / rate["model only"]
         verdict = "meets" if ratio >= GOAL else "misses"
         print(f"end-to-end / model-only, {kind}: {ratio:.2f} ({verdict} the goal >= {GOAL})")
     print(f"Grad-CAM cost: {rate['model only'] / rate['Grad-CAM']:.1f}x a plain prediction")
     print(f"TTA cost: {rate['model only'] / rate['TTA']:.1f}x a plain prediction")
+    cost = rate["end to end, JPEG"] / rate["end to end, JPEG, shift monitor"]
+    print(f"shift monitor cost (OOD scores and the folder's set test): {cost:.2f}x end to end")
+
+
+def with_reference(model: ClassificationModule, size: int) -> ClassificationModule:
+    """A second module with the same weights whose card keeps a shift reference (of random
+    images: the cost is the same as of a validation set's)."""
+    twin = ClassificationModule("resnet18", 2).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        features, logits = twin.embed(torch.rand(200, 3, size, size))
+    reference = ShiftReference.fit(features.numpy(), torch.softmax(logits, 1)[:, 1].numpy())
+    twin.card = {**model.card, "shift_reference": reference.to_dict()}
+    return twin
 
 
 def classify_batch(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

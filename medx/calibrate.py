@@ -7,6 +7,12 @@ replaced operating point (`previous_operating_points`) and records where the new
 (sample size, class counts, data digest, date, the site's shift test against the model's
 validation reference). MODEL is a .ckpt file or a `models:/NAME/VERSION` URI; LABELLED a folder
 `root/<class>/...` or a CSV with columns `path,label`. The model file is not changed.
+
+The images are read and predicted by the inference core (`medx.inference.Predictor`), as
+`medx.predict` and `medx.serve` read them: raw softmax probabilities, and in the same pass the
+features of the shift test. `medx.predict`, `medx.serve` and the MLflow pyfunc of the new
+checkpoint decide at the new threshold and say so: `threshold_source` "site calibration DATE
+on N images, sensitivity S".
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (0: none)")
     return p
 
 
@@ -55,17 +62,23 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from medx.data.labelled import read_labelled
-    from medx.errors import CheckpointError, ConfigError
+    from medx.errors import CheckpointError, ConfigError, DataError
     from medx.evaluation import site
-    from medx.inference.shift import ShiftMonitor, folder_features
-    from medx.models.load import load, update_card
+    from medx.inference import Predictor, backend_of, open_model
+    from medx.inference.shift import ShiftUnavailable, monitor_for
+    from medx.models.load import update_card
 
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         raise ConfigError(f"--target-sensitivity={args.target_sensitivity} must be in (0, 1].")
     if args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a folder; give the new checkpoint's file name.")
     source = _resolve(args.model)
-    model = load(source)
+    model = open_model(args.model)
+    if backend_of(model) == "onnxruntime":
+        raise ConfigError(
+            f"{args.model} is an ONNX export; medx.calibrate writes a new checkpoint: give the "
+            ".ckpt (or models:/ URI) it was exported from, and export the new one again."
+        )
     card = model.card
     names = list(card.get("class_names") or [])
     if getattr(model, "task", None) != "classification" or len(names) != 2:
@@ -73,7 +86,9 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.model}: site calibration is for binary classifiers (this one: "
             f"{getattr(model, 'task', '?')}, classes {names}); give a two-class classifier."
         )
-    monitor = ShiftMonitor.from_card(card, str(args.model))
+    monitor, reason = monitor_for(model, str(args.model))
+    if monitor is None:
+        raise ShiftUnavailable(reason)
     target = args.target_sensitivity or (card.get("operating_point") or {}).get(
         "target_sensitivity"
     )
@@ -84,12 +99,21 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         )
     sample = read_labelled(args.labelled, names)
     warnings = site.check_sample(np.asarray(sample.labels), names, str(args.labelled))
-    size, intensity = card["input"]["image_size"], card["input"].get("intensity", "none")
-    feats, probs = folder_features(model, sample.paths, size, intensity, args.batch_size)
+    predictor = Predictor(model, calibrated=False, monitor=monitor, source=str(args.model))
+    stream = predictor.stream(sample.paths, args.batch_size, args.workers)
+    answers = list(stream)
+    failed = [a.error for a in answers if a.error]
+    if failed:
+        raise DataError(
+            f"{args.labelled}: {len(failed)} of {len(answers)} images cannot be read (e.g. "
+            f"{failed[0]}); replace or remove them, so that the sample calibrated on is the "
+            "one its provenance describes."
+        )
+    probs = np.array([[a.probabilities[c] for c in names] for a in answers], np.float64)
     logits = np.log(np.clip(probs, 1e-300, None))  # softmax(log p / T) = softmax(z / T)
     labels = np.asarray(sample.labels)
     found = site.recalibrate(logits, labels, float(target), args.bootstrap, args.seed)
-    shift = monitor.test(feats, probs[:, 1])
+    shift = stream.shift_report()
     provenance = {
         "by": "medx.calibrate",
         "source": str(args.labelled),

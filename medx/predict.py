@@ -23,6 +23,15 @@ test-time augmentation (`--tta`), a quality gate (`--qc QC_MODEL`), lung masks a
 of the Grad-CAM inside them (`--lungs SEG_MODEL`), and the clinical metrics of a labelled set
 (`--labels`). An option that would change nothing for this model or these options is refused.
 
+The shift monitor (a classifier whose card keeps a shift reference of its validation images,
+written by its evaluation): every row gets `ood_score` (about 1 for a typical validation
+image) and `ood_flag` (above the 99th percentile of validation images); a folder is also
+tested as a set against the validation images (MMD permutation test of the features and a KS
+test of the scores), its p-value, verdict and effect size printed in one line and written to
+OUT/shift.json. One image gets its own columns only: a set test needs a set. A checkpoint
+without a reference (add one with `python -m medx.eval ckpt_path=CKPT`), or an ONNX export,
+is said to have no monitor, once, and predicts all the same.
+
 --labels (metrics with 95% CIs, printed and written to OUT/metrics.json):
   --labels            class folders: the folder directly under INPUT names the class of every
                       image below it (INPUT/NORMAL/..., INPUT/OPACITY/...).
@@ -272,6 +281,7 @@ def _classify(
     outcome = Outcome(len(rows), sum(bool(r["error"]) for r in rows))
     if len(paths) > 1 or out is not None:
         print(_counts(rows, outcome, skipped, out))
+    _shift_report(stream, paths, out)
     if args.labels:
         labels = None if args.labels is True else args.labels
         _labelled_metrics(rows, predictor.classes, paths, args.input, labels, out, predictor.rule)
@@ -339,8 +349,34 @@ def _row(answer: Any, predictor: Any) -> dict[str, Any]:
     if answer.cam_in_lungs is not None:
         row["cam_in_lungs"] = f"{answer.cam_in_lungs:.4f}"
         row["shortcut_alarm"] = "yes" if answer.shortcut_alarm else "no"
+    if answer.ood_score is not None:
+        row["ood_score"] = f"{answer.ood_score:.4f}"
+        row["ood_flag"] = "yes" if answer.ood_flag else "no"
     row["error"] = ""
     return row
+
+
+def _shift_report(stream: Any, paths: Sequence[Path], out: Path | None) -> None:
+    """For a folder, once `stream` is spent: the shift monitor's test of the whole set, one
+    line, and OUT/shift.json (`status` "unavailable" with its reason when the model has no
+    monitor, which the predictor has said already)."""
+    if len(paths) < 2:
+        return  # one image: its ood columns; a set test needs a set
+    report = stream.shift_report()
+    if report is not None:
+        found = {"status": "tested", **report.to_dict()}
+        found["reference"] = stream.sample.monitor.reference.info
+        print(report.summary())
+    elif stream.sample is not None:
+        found = {"status": "not tested", "reason": "fewer than 2 images were classified"}
+        print(f"shift monitor: not tested ({found['reason']}; a set test needs a set)")
+    else:
+        found = {"status": "unavailable", "reason": stream.unavailable}
+    if out is not None:
+        from medx.inference.naming import writing
+
+        with writing(out / "shift.json"):
+            (out / "shift.json").write_text(json.dumps(found, indent=2))
 
 
 def _overlay_files(paths: Sequence[Path], root: Path, out: Path) -> dict[str, Path]:

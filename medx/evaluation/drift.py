@@ -61,6 +61,7 @@ MIN_VAL_IMAGES = 20  # below this, no reference: PCA and the threshold would be 
 OOD_QUANTILE = 0.99
 SIGNIFICANCE = 0.01  # the monitor's alarm level: 1% of in-distribution batches flagged
 PERMUTATIONS = 1000
+MAX_TESTED = 1000  # new images in the feature test: a random sample of this many when more
 
 
 def encode(array: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
@@ -91,6 +92,10 @@ class ShiftReport:
         score_ks, score_p: Kolmogorov-Smirnov statistic and p-value of the model's scores
             against val's (a case-mix change moves these too).
         significance: the alarm level the verdict used.
+        feature_images: how many of the images the feature test compared: all of them, or
+            a random MAX_TESTED when there are more (the reference holds at most
+            MAX_POINTS, so more new images add little power and the kernel matrix grows with
+            their square); the score test and `ood_rate` use every image.
     """
 
     images: int
@@ -103,6 +108,7 @@ class ShiftReport:
     score_ks: float | None
     score_p: float | None
     significance: float
+    feature_images: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,9 +117,11 @@ class ShiftReport:
         """One line for a command's summary."""
         verdict = "SHIFT" if self.shifted else "no shift detected"
         scores = "" if self.score_p is None else f", scores p = {self.score_p:.3g}"
+        sampled = self.feature_images is not None and self.feature_images < self.images
+        of = f" (a random {self.feature_images})" if sampled else ""
         return (
             f"shift monitor: {verdict} (p = {self.p_value:.3g} over {self.images} images: "
-            f"features p = {self.feature_p:.3g}, effect {self.effect:.1f} sd{scores}; "
+            f"features p = {self.feature_p:.3g}{of}, effect {self.effect:.1f} sd{scores}; "
             f"{self.ood_rate:.0%} of images out of distribution)"
         )
 
@@ -203,10 +211,29 @@ class ShiftReference:
         seed: int = 0,
     ) -> ShiftReport:
         """Two-sample test of new images' features (n, D) (and scores) against the reference."""
-        new = self.coordinates(features)
+        return self.test_coordinates(
+            self.coordinates(features), scores, significance, permutations, seed
+        )
+
+    def test_coordinates(
+        self,
+        new: np.ndarray,
+        scores: np.ndarray | None = None,
+        significance: float = SIGNIFICANCE,
+        permutations: int = PERMUTATIONS,
+        seed: int = 0,
+        max_tested: int = MAX_TESTED,
+    ) -> ShiftReport:
+        """`test` of images already in the reference's coordinates (`coordinates`, (n, k + 1)):
+        what a folder's images are kept as while they stream past (17 numbers an image)."""
+        new = np.atleast_2d(np.asarray(new, np.float64))
         if len(new) < 2:
             raise ValueError("the two-sample test needs at least 2 new images")
-        p, mmd2, effect = mmd_test(self.points, new, self.bandwidth, permutations, seed)
+        tested = new
+        if len(new) > max_tested:
+            chosen = np.random.default_rng(seed).choice(len(new), max_tested, replace=False)
+            tested = new[np.sort(chosen)]
+        p, mmd2, effect = mmd_test(self.points, tested, self.bandwidth, permutations, seed)
         ks = (
             stats.ks_2samp(self.scores, np.asarray(scores, np.float64))
             if scores is not None and len(scores)
@@ -224,6 +251,7 @@ class ShiftReference:
             score_ks=None if ks is None else float(ks.statistic),
             score_p=None if ks is None else float(ks.pvalue),
             significance=significance,
+            feature_images=len(tested),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -87,26 +87,41 @@ DEFAULT_VIEWS: tuple[View, ...] = (
 
 
 def tta_probs(
-    module: nn.Module, x: torch.Tensor, views: Sequence[View] = DEFAULT_VIEWS
+    module: nn.Module,
+    x: torch.Tensor,
+    views: Sequence[View] = DEFAULT_VIEWS,
+    identity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, num_classes) mean over `views` of the softmax of `module` (class logits) on each.
 
     The views run one after another (memory of one batch, not len(views) batches).
+
+    Args:
+        module: a classifier ([0, 1] images in, class logits out).
+        x: the batch.
+        views: the views averaged.
+        identity: the logits of `x` itself when already computed (the inference core's
+            pass that also gave the shift monitor its features): the IDENTITY view reuses
+            them instead of running the model again.
     """
     if not views:
         raise ConfigError("test-time augmentation needs at least one view (e.g. IDENTITY)")
     total = None
     for view in views:
-        probs = torch.softmax(module(view(x)).float(), dim=1)
+        logits = identity if view == IDENTITY and identity is not None else module(view(x))
+        probs = torch.softmax(logits.float(), dim=1)
         total = probs if total is None else total + probs
     return total / len(views)
 
 
 def tta_logits(
-    module: nn.Module, x: torch.Tensor, views: Sequence[View] = DEFAULT_VIEWS
+    module: nn.Module,
+    x: torch.Tensor,
+    views: Sequence[View] = DEFAULT_VIEWS,
+    identity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log of `tta_probs`: logits-like, their softmax is the mean probability."""
-    return tta_probs(module, x, views).clamp_min(1e-12).log()
+    return tta_probs(module, x, views, identity).clamp_min(1e-12).log()
 
 
 class TestTimeAugmentation(ClassifierSteps, L.LightningModule):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from medx.errors import ConfigError
-from medx.models.card import ModelCard, check_scale
+from medx.models.card import ModelCard, OperatingPoint, check_scale
 
-__all__ = ["Decision", "DecisionRule", "check_threshold", "to_scale"]
+__all__ = ["Decision", "DecisionRule", "check_threshold", "point_source", "to_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Decision:
         label: the class decided (`class` in JSON).
         threshold: the threshold it was decided at, on `scale`.
         scale: "raw" or "calibrated": the scale of the probabilities reported beside it.
-        source: where the threshold came from ("val sensitivity 0.95, run ...", "--threshold").
+        source: where the threshold came from ("val sensitivity 0.95, run ...", "site
+            calibration 2025-06-01 on 200 images, sensitivity 0.95", "--threshold").
     """
 
     label: str
@@ -122,11 +123,37 @@ class DecisionRule:
             point = card.operating_point
         if point is None:
             return None
-        run = card.run.get("id", "")
-        source = (
-            f"val sensitivity {point.target_sensitivity}"
-            + (" with TTA" if point.tta else "")
-            + (f", run {run}" if run else "")
-        )
+        if tta and point.tta and _site(card.operating_point):
+            log.warning(
+                "--tta: the operating point was re-chosen by site calibration without TTA; "
+                "TTA's own is still the one chosen on validation (%s).",
+                point_source(point, card.run.get("id", "")),
+            )
+        source = point_source(point, card.run.get("id", ""))
         value = to_scale(point.threshold, point.scale, scale, temperature)
         return cls(value, scale, source, pair)
+
+
+def point_source(point: OperatingPoint, run: str = "") -> str:
+    """Where an operating point came from, as every front door says it: "val sensitivity
+    0.95, run ..." for the training run's choice on validation, "site calibration
+    2025-06-01 on 200 images, sensitivity 0.95" for one re-chosen by `medx.calibrate`."""
+    if _site(point):
+        provenance = point.provenance or {}
+        date = str(provenance.get("date") or "")[:10]
+        images = provenance.get("images")
+        return (
+            "site calibration"
+            + (f" {date}" if date else "")
+            + (f" on {images} images" if images else "")
+            + f", sensitivity {point.target_sensitivity}"
+        )
+    return (
+        f"val sensitivity {point.target_sensitivity}"
+        + (" with TTA" if point.tta else "")
+        + (f", run {run}" if run else "")
+    )
+
+
+def _site(point: OperatingPoint | None) -> bool:
+    return point is not None and point.chosen_on == "site"

@@ -8,13 +8,20 @@ probabilities (softmax of the logits over the card's temperature; TTA averages v
 probability, `medx.evaluation.tta`), the decision at the operating point (`DecisionRule`),
 Grad-CAM (`medx.evaluation.explain`) of the class reported, the share of its mass inside the
 lungs (`Segmenter`), and the overlay drawn on the image as it is, at its own size.
+
+With a shift reference on the card (`medx.inference.shift`) the same forward pass also gives
+each image's penultimate features (`embed`): every prediction gets its out-of-distribution
+score and flag, `stream` collects a folder's images for a two-sample test of the whole set
+(`PredictionStream.shift_report`), and a service keeps a window of its recent requests
+(`observe`, `drift`). Without one (an older checkpoint, an ONNX export) the predictor says
+once why the monitor is off and how to add it, and predicts all the same.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +48,15 @@ from medx.inference.reading import (
     file_batches,
 )
 from medx.inference.segmenter import Segmenter
+from medx.inference.shift import WINDOW, ShiftMonitor, ShiftReport, monitor_for
 
-__all__ = ["LUNG_SHARE_ALARM", "Prediction", "Predictor", "Prepared"]
+__all__ = ["LUNG_SHARE_ALARM", "Prediction", "PredictionStream", "Predictor", "Prepared"]
 
 log = logging.getLogger(__name__)
 
 LUNG_SHARE_ALARM = 0.5  # less Grad-CAM mass than this inside the lungs: flagged as a shortcut
+_SAID: set[str] = set()  # models whose missing shift monitor this process has told of
+_OFF = "the shift monitor was turned off"
 
 
 @dataclass
@@ -71,6 +81,12 @@ class Prediction:
         shortcut_alarm: cam_in_lungs below LUNG_SHARE_ALARM: the model looks elsewhere.
         size: the image's (width, height).
         error: why the input could not be predicted ("" when it was).
+        ood_score: the shift monitor's out-of-distribution score (about 1 for a typical
+            validation image; None without a shift reference, or not classified).
+        ood_flag: `ood_score` above the 99th percentile of held-out validation images.
+        features: the penultimate-layer features the monitor compared (with a reference).
+        raw_score: what the reference keeps of each image: p(positive), raw softmax and
+            without TTA (the top probability for more than two classes).
     """
 
     source: str
@@ -87,6 +103,10 @@ class Prediction:
     shortcut_alarm: bool | None = None
     size: tuple[int, int] | None = None
     error: str = ""
+    ood_score: float | None = None
+    ood_flag: bool | None = None
+    features: np.ndarray | None = field(default=None, repr=False)
+    raw_score: float | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -118,6 +138,9 @@ class Predictor:
         gradcam_class: the class explained, by name or index (default: the predicted one).
         max_pixels: larger images are refused before decoding.
         source: how messages name the model.
+        monitor: the shift monitor, when the card has a reference (False: off; or a
+            `ShiftMonitor` to share, e.g. its window).
+        window: recent images a service's monitor tests (`observe`, `drift`).
 
     Example:
         >>> predictor = Predictor.from_checkpoint("models:/pneumonia@champion")
@@ -138,6 +161,8 @@ class Predictor:
         gradcam_class: str | int | None = None,
         max_pixels: int = MAX_PIXELS,
         source: str = "",
+        monitor: bool | ShiftMonitor = True,
+        window: int = WINDOW,
     ) -> None:
         source = source or str(model.card.get("checkpoint", "model"))
         task = model.card.get("task") or getattr(model, "task", None)
@@ -174,6 +199,22 @@ class Predictor:
         self.model_input = ModelInput(model.inputs, self.card.image_size)
         if gradcam or lungs is not None:
             self._check_explainable()
+        self.window = window
+        self.shift_monitor, self.shift_unavailable = self._monitor(monitor, window)
+
+    def _monitor(
+        self, monitor: bool | ShiftMonitor, window: int
+    ) -> tuple[ShiftMonitor | None, str | None]:
+        """The shift monitor, or None and why not (said once per model and process)."""
+        if isinstance(monitor, ShiftMonitor):
+            return monitor, None
+        if not monitor:
+            return None, _OFF
+        found, reason = monitor_for(self.model, self.source, window=window)
+        if reason and self.source not in _SAID:
+            _SAID.add(self.source)
+            log.warning("%s", reason)
+        return found, reason
 
     @classmethod
     def from_checkpoint(
@@ -191,6 +232,8 @@ class Predictor:
         gradcam_class: str | int | None = None,
         max_pixels: int = MAX_PIXELS,
         threads: int | None = None,
+        monitor: bool = True,
+        window: int = WINDOW,
     ) -> Predictor:
         """Open a classifier and what goes with it.
 
@@ -210,6 +253,8 @@ class Predictor:
             gradcam_class: see `Predictor`.
             max_pixels: see `Predictor`.
             threads: onnxruntime threads for .onnx models.
+            monitor: see `Predictor`.
+            window: see `Predictor`.
         """
         gate = QualityGate.from_checkpoint(qc, qc_threshold, qc_mode) if qc else None
         segmenter = Segmenter.from_checkpoint(lungs, max_pixels=max_pixels) if lungs else None
@@ -225,6 +270,8 @@ class Predictor:
             gradcam_class=gradcam_class,
             max_pixels=max_pixels,
             source=str(model),
+            monitor=monitor,
+            window=window,
         )
 
     def configured(self, **changes: Any) -> Predictor:
@@ -241,6 +288,8 @@ class Predictor:
             "gradcam_class": self.gradcam_class,
             "max_pixels": self.max_pixels,
             "source": self.source,
+            "monitor": self.shift_monitor or self.shift_unavailable != _OFF,
+            "window": self.window,
         }
         return Predictor(self.model, **{**options, **changes})
 
@@ -302,21 +351,50 @@ class Predictor:
 
     def stream(
         self, paths: Sequence[str | Path], batch_size: int = 16, workers: int = 2
-    ) -> Iterator[Prediction]:
+    ) -> PredictionStream:
         """Predictions for many files, in order, read by DataLoader workers: a folder of
-        50,000 files never sits in memory.
+        50,000 files never sits in memory. Iterate it once; afterwards its `shift_report()`
+        tests the whole set against the model's validation images.
 
         Args:
             paths: image files (e.g. `find_inputs(folder)`).
             batch_size: images per forward pass.
             workers: DataLoader worker processes (0: read in this process).
+
+        Example:
+            >>> stream = predictor.stream(find_inputs("site/"))
+            >>> rows = [answer.probabilities for answer in stream]
+            >>> print(stream.shift_report().summary())
         """
         paths = [Path(p) for p in paths]
         batches = file_batches(
             paths, self.model_input, self.max_pixels, self.intensity, batch_size, workers
         )
-        for x, items in batches:
-            yield from self._infer(x, items, self.gradcam)
+        answers = (self._infer(x, items, self.gradcam) for x, items in batches)
+        return PredictionStream(answers, self)
+
+    def shift_test(self, predictions: Sequence[Prediction]) -> ShiftReport | None:
+        """The two-sample test of a set of predictions' images against the validation
+        reference; None without a monitor (`shift_unavailable` says why) or below 2 images."""
+        if self.shift_monitor is None:
+            return None
+        sample = self.shift_monitor.sample()
+        sample.add(*_monitored(predictions))
+        return sample.report()
+
+    def observe(self, predictions: Sequence[Prediction]) -> None:
+        """Add served images to the monitor's window of recent ones (thread-safe; nothing
+        without a monitor, and nothing for an image that was not classified)."""
+        features, scores = _monitored(predictions)
+        if self.shift_monitor is not None and len(features):
+            self.shift_monitor.observe(features, scores)
+
+    def drift(self) -> dict[str, Any]:
+        """The test over the window of observed images, as JSON (`ShiftMonitor.window`);
+        `status` "unavailable" with its `reason` without a monitor."""
+        if self.shift_monitor is None:
+            return {"status": "unavailable", "reason": self.shift_unavailable}
+        return self.shift_monitor.window()
 
     def prepare(
         self, source: Source, name: str | None = None, gradcam: bool | None = None
@@ -381,7 +459,7 @@ class Predictor:
             return results
         warn_if_synthetic(self.card, self.source)
         batch = x[wanted].to(device_of(self.model))
-        probs = self.probabilities(batch)
+        probs, monitored = self._forward(batch)
         explain = gradcam or self.lungs is not None
         cams = self._cams(batch, probs) if explain else None
         for j, i in enumerate(wanted):
@@ -391,7 +469,33 @@ class Predictor:
             result.decision = self.rule(p[1]) if self.rule is not None else None
             if cams is not None:
                 self._explain(result, items[i], cams[j], gradcam)
+        if monitored is not None:
+            self._mark_shift([results[i] for i in wanted], *monitored)
         return results
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[np.ndarray, ...] | None]:
+        """`probabilities(x)` and, with a shift monitor, (features, raw scores) from the same
+        pass (`embed`; with TTA its logits are the identity view's)."""
+        if self.shift_monitor is None:
+            return self.probabilities(x), None
+        with torch.inference_mode():
+            features, logits = self.model.embed(x)
+            raw = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            if self.tta:
+                from medx.evaluation.tta import tta_logits
+
+                logits = tta_logits(self.model, x, identity=logits)
+            probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+        scores = raw[:, 1] if raw.shape[1] == 2 else raw.max(1)
+        return probs, (features.float().cpu().numpy(), scores)
+
+    def _mark_shift(self, results: list[Prediction], features: np.ndarray, scores: np.ndarray):
+        """Each classified image's OOD score and flag, and what the set test needs of it."""
+        assert self.shift_monitor is not None
+        ood, flags = self.shift_monitor.ood(features)
+        for j, result in enumerate(results):
+            result.ood_score, result.ood_flag = float(ood[j]), bool(flags[j])
+            result.features, result.raw_score = features[j], float(scores[j])
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N x classes, float32) of a batch of model inputs: softmax of
@@ -427,6 +531,42 @@ class Predictor:
 
     def _pixels(self, item: Item, intensity: str) -> np.ndarray:
         return item.pixels(intensity, self.max_pixels)
+
+
+class PredictionStream:
+    """`Predictor.stream`'s predictions, in order; iterate it once. While they pass, the
+    shift monitor collects each classified image (`ShiftSample`), so that `shift_report()`
+    afterwards tests the whole set.
+
+    Args:
+        batches: the predictions, batch by batch.
+        predictor: the predictor that made them (its monitor, or why it has none).
+    """
+
+    def __init__(self, batches: Iterator[list[Prediction]], predictor: Predictor) -> None:
+        self._batches = batches
+        monitor = predictor.shift_monitor
+        self.sample = monitor.sample() if monitor is not None else None
+        self.unavailable = predictor.shift_unavailable
+
+    def __iter__(self) -> Iterator[Prediction]:
+        for results in self._batches:
+            if self.sample is not None:
+                self.sample.add(*_monitored(results))
+            yield from results
+
+    def shift_report(self) -> ShiftReport | None:
+        """The test of the images streamed so far; None without a monitor (`unavailable`
+        says why) or with fewer than 2 classified images (a set test needs a set)."""
+        return self.sample.report() if self.sample is not None else None
+
+
+def _monitored(predictions: Sequence[Prediction]) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, D), raw scores (n,)) of the predictions the monitor saw."""
+    seen = [p for p in predictions if p.features is not None]
+    if not seen:
+        return np.empty((0, 0), np.float32), np.empty(0)
+    return np.stack([p.features for p in seen]), np.array([p.raw_score for p in seen])
 
 
 def _class_index(name: str | int | None, classes: list[str]) -> int | None:

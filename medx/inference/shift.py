@@ -14,10 +14,17 @@ The statistics, and why a small MMD permutation test of our own rather than a dr
 are in `medx.evaluation.drift`. The false-alarm rate on in-distribution batches and the power
 against simulated acquisition shifts are measured by `benchmarks/shift.py`.
 
-Usage, given a model's features (`module.embed(x)`, the core's Predictor) and scores:
+`Predictor` (`medx.inference.predictor`) runs it: with a reference it computes each image's
+features and logits in one pass (`embed`), gives every prediction its `ood_score` and
+`ood_flag`, collects a folder's images while `stream` yields them (`ShiftSample`) and keeps a
+service's window. What it compares is the model's raw softmax score without TTA, as the
+reference was built. An ONNX export outputs logits only, so it has no monitor
+(`monitor_for` says so); its checkpoint has.
+
+Usage, given a model's features (`module.embed(x)`) and scores:
 
     monitor = ShiftMonitor.from_card(card)        # ShiftUnavailable: one line, how to add one
-    report = monitor.test(features, scores)       # a folder: report.summary(), .to_dict()
+    report = monitor.test(features, scores)       # a set: report.summary(), .to_dict()
     scores, flags = monitor.ood(features)         # per image
     monitor.observe(features, scores); monitor.window()   # a service: the last `window` images
 """
@@ -27,18 +34,23 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from medx.data.shifted import ShiftedImages
 from medx.errors import MedxError
 from medx.evaluation.drift import PERMUTATIONS, SIGNIFICANCE, ShiftReference, ShiftReport
-from medx.evaluation.stress import features_and_probs
+from medx.inference.onnx_model import OnnxModel
 
-__all__ = ["ShiftMonitor", "ShiftReference", "ShiftReport", "ShiftUnavailable", "folder_features"]
+__all__ = [
+    "ShiftMonitor",
+    "ShiftReference",
+    "ShiftReport",
+    "ShiftSample",
+    "ShiftUnavailable",
+    "monitor_for",
+    "unavailable_reason",
+]
 
 WINDOW = 200  # recent requests a service tests
 MIN_IMAGES = 30  # below this a window is still collecting: too few for a useful test
@@ -75,7 +87,8 @@ class ShiftMonitor:
     Args:
         reference: the model's `ShiftReference`.
         window: how many recent images `observe` keeps for `window()` (a service's /drift).
-        min_images: fewer images than this in the window: `window()` says it is collecting.
+        min_images: fewer images than this in the window: `window()` says it is collecting
+            (at most `window`).
         significance: the alarm level of the verdict.
         permutations: permutations of the test (its p-value resolution is 1 / (1 + this)).
     """
@@ -88,11 +101,14 @@ class ShiftMonitor:
         significance: float = SIGNIFICANCE,
         permutations: int = PERMUTATIONS,
     ) -> None:
+        if window < 2:
+            raise ValueError(f"a shift window of {window} images: the test needs at least 2")
         self.reference, self.significance, self.permutations = reference, significance, permutations
-        self.min_images = min_images
+        self.min_images = max(2, min(min_images, window))
         self._features: deque[np.ndarray] = deque(maxlen=window)
         self._scores: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
+        self._tested: tuple[int, dict[str, Any]] | None = None  # (seen, window()) last tested
         self.seen = 0
 
     @classmethod
@@ -113,6 +129,10 @@ class ShiftMonitor:
             np.atleast_2d(features), scores, self.significance, self.permutations
         )
 
+    def sample(self) -> ShiftSample:
+        """An empty set of images to collect (a folder, as `Predictor.stream` yields it)."""
+        return ShiftSample(self)
+
     def observe(self, features: np.ndarray, scores: Sequence[float]) -> None:
         """Add served images to the rolling window (thread-safe)."""
         with self._lock:
@@ -123,35 +143,90 @@ class ShiftMonitor:
 
     def window(self) -> dict[str, Any]:
         """The test over the window of recent images, as JSON: `status` is `collecting`
-        (fewer than `min_images`) or `tested`, with the report's fields when tested."""
+        (fewer than `min_images`) or `tested`, with the report's fields when tested
+        (thread-safe; tested once per state of the window, then answered from memory)."""
         with self._lock:
-            feats, scores = np.array(self._features), np.array(self._scores)
+            feats, scores, seen = np.array(self._features), np.array(self._scores), self.seen
+            if self._tested is not None and self._tested[0] == seen:
+                return dict(self._tested[1])
         found: dict[str, Any] = {
             "window": self._features.maxlen,
             "images": len(feats),
-            "seen": self.seen,
+            "seen": seen,
             "min_images": self.min_images,
         }
         if len(feats) < self.min_images:
             return {**found, "status": "collecting"}
-        return {**found, "status": "tested", **self.test(feats, scores).to_dict()}
+        found = {**found, "status": "tested", **self.test(feats, scores).to_dict()}
+        with self._lock:
+            self._tested = (seen, found)
+        return dict(found)
 
 
-def folder_features(
-    module: torch.nn.Module,
-    paths: Sequence[Path],
-    image_size: int,
-    intensity: str = "none",
-    batch_size: int = 64,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(features, probabilities) of image files, read as `medx.predict` reads them, for a
-    model with `embed` (`ClassificationModule`). The core's Predictor will supply these."""
-    feats, probs = features_and_probs(
-        module, ShiftedImages(paths, None, image_size, intensity), batch_size
-    )
-    if feats is None:
-        raise ShiftUnavailable(f"{type(module).__name__} has no feature space (`embed`).")
-    return feats, probs
+class ShiftSample:
+    """The images of one set (a folder) for one test, collected as they stream past: each
+    kept as its reference coordinates and score (k + 2 numbers, so a folder of 50,000 images
+    costs a few MB, not its 512-D features).
+
+    Args:
+        monitor: the model's monitor (its reference, alarm level and permutations).
+    """
+
+    def __init__(self, monitor: ShiftMonitor) -> None:
+        self.monitor = monitor
+        self._coordinates: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+
+    @property
+    def images(self) -> int:
+        """How many images have been added."""
+        return sum(len(c) for c in self._coordinates)
+
+    def add(self, features: np.ndarray, scores: Sequence[float]) -> None:
+        """Add images: their features (n, D) and the model's scores (n,)."""
+        features = np.atleast_2d(np.asarray(features))
+        if features.size:
+            self._coordinates.append(self.monitor.reference.coordinates(features))
+            self._scores.append(np.asarray(scores, np.float64).reshape(-1))
+
+    def report(self) -> ShiftReport | None:
+        """The two-sample test of the images added; None below 2 (a set test needs a set)."""
+        if self.images < 2:
+            return None
+        monitor = self.monitor
+        return monitor.reference.test_coordinates(
+            np.vstack(self._coordinates),
+            np.concatenate(self._scores),
+            monitor.significance,
+            monitor.permutations,
+        )
+
+
+def monitor_for(
+    model: Any, source: str = "this model", **options: Any
+) -> tuple[ShiftMonitor | None, str | None]:
+    """The shift monitor of an opened model, or None and why not (one line saying what to do).
+
+    Args:
+        model: an opened model (`open_model`: a medx module or an `OnnxModel`).
+        source: how the reason names the model.
+        options: `ShiftMonitor` options (window, min_images, ...).
+    """
+    if isinstance(model, OnnxModel):
+        return None, (
+            f"{source} is an ONNX export, which outputs the logits alone: the shift monitor "
+            "(per-image ood_score, the test of a set) needs the model's features; give the "
+            "checkpoint (.ckpt) it was exported from."
+        )
+    if not callable(getattr(model, "embed", None)):
+        return None, (
+            f"{source} ({type(model).__name__}) has no feature space: the shift monitor is for "
+            "single image classifiers (ClassificationModule)."
+        )
+    reason = unavailable_reason(model.card, source)
+    if reason:
+        return None, reason
+    return ShiftMonitor.from_card(model.card, source, **options), None
 
 
 def _entry(card: Any, key: str) -> Any:

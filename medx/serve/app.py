@@ -135,6 +135,14 @@ class PredictAnswer(BaseModel):
     scale: Scale = Field(description="the probabilities' scale")
     quality: QualityAnswer | None = Field(description="null: no quality model (--qc)")
     gradcam_png: str | None = Field(None, description="with explain=true: base64 PNG overlay")
+    ood_score: float | None = Field(
+        None,
+        description="the shift monitor's out-of-distribution score of this image: about 1 "
+        "for a typical validation image (null: no shift reference, or not classified)",
+    )
+    ood_flag: bool | None = Field(
+        None, description="ood_score above the 99th percentile of held-out validation images"
+    )
     model: ModelInfo
     timing_ms: PredictTiming
 
@@ -162,6 +170,33 @@ class MetadataAnswer(BaseModel):
     card: dict[str, Any]
     decision: DecisionRuleAnswer | None
     limits: Limits
+
+
+class DriftAnswer(BaseModel):
+    """GET /drift: the shift monitor's two-sample test of the last `window` classified
+    requests against the model's validation images (MMD permutation test of the features,
+    Bonferroni-combined with a KS test of the scores; `medx.evaluation.drift`)."""
+
+    model: ModelInfo
+    status: Literal["collecting", "tested", "unavailable"] = Field(
+        description="collecting: fewer than min_images requests yet; unavailable: no shift "
+        "reference on the model card (`reason` says how to add one)"
+    )
+    reason: str | None = Field(None, description="why the monitor is unavailable")
+    window: int | None = Field(None, description="requests kept (--drift-window)")
+    images: int | None = Field(None, description="requests in the window now")
+    seen: int | None = Field(None, description="classified requests since the start")
+    min_images: int | None = Field(None, description="requests needed before a test")
+    p_value: float | None = Field(None, description="the verdict's p-value (small: shifted)")
+    shifted: bool | None = Field(None, description="p_value below `significance`")
+    significance: float | None = None
+    effect: float | None = Field(None, description="MMD² in standard deviations of its null")
+    feature_p: float | None = Field(None, description="p-value of the feature test")
+    mmd2: float | None = None
+    score_ks: float | None = Field(None, description="KS statistic of the scores")
+    score_p: float | None = Field(None, description="p-value of the score test")
+    ood_rate: float | None = Field(None, description="share of the window's images flagged")
+    feature_images: int | None = None
 
 
 class ReadyAnswer(BaseModel):
@@ -363,6 +398,20 @@ def create_app(settings: Settings, on_load_failure: Callable[[str], None] | None
             "X-Medx-Time-Ms": f"{1000 * (time.perf_counter() - start):.1f}",
         }
         return Response(png, media_type="image/png", headers=headers)
+
+    @app.get(
+        "/drift",
+        summary="Shift monitor: are recent requests like the validation images?",
+        response_model=DriftAnswer,
+        responses={k: _ERRORS[k] for k in (401, 503)},
+    )
+    async def drift() -> dict[str, Any]:
+        """The two-sample test of the last `--drift-window` classified requests against the
+        validation images the model card keeps: p-value, verdict and effect size, or
+        `collecting` until enough requests came. Each worker process keeps its own window."""
+        model = slot.get()
+        found = await anyio.to_thread.run_sync(model.drift, limiter=work)
+        return {"model": model.info, **found}
 
     app.state.slot = slot
     return app

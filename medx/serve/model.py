@@ -10,6 +10,11 @@ needs the PyTorch model's gradients, so `explain` is a checkpoint's alone.
 Inference holds one lock: Grad-CAM hooks into the network and toggles `requires_grad`, so
 two requests must not share the model at once, and PyTorch's own threads already use the
 cores. Decoding, resizing and PNG encoding happen outside the lock, in parallel.
+
+The shift monitor (a classifier with a shift reference) keeps the last `--drift-window`
+classified requests (the warm-up pass is not one), under its own lock; `GET /drift` tests
+them against the validation images in a worker thread, once per state of the window. Each
+worker process of `--workers N` keeps its own window.
 """
 
 from __future__ import annotations
@@ -61,7 +66,11 @@ class ServedModel:
                     settings.qc, settings.qc_threshold, settings.qc_mode
                 )
             self.predictor = Predictor(
-                net, quality=gate, max_pixels=settings.max_pixels, source=settings.model
+                net,
+                quality=gate,
+                max_pixels=settings.max_pixels,
+                source=settings.model,
+                window=settings.drift_window,
             )
         else:
             self.segmenter = Segmenter(net, max_pixels=settings.max_pixels, source=settings.model)
@@ -87,7 +96,7 @@ class ServedModel:
         blank = np.zeros((side, side, 3), np.uint8)
         if self.predictor is not None:
             explain = self.explainable
-            self.classify(self.predictor.prepare(blank, "warm-up", explain), explain)
+            self.classify(self.predictor.prepare(blank, "warm-up", explain), explain, False)
         else:
             self.segment(blank)
 
@@ -113,14 +122,17 @@ class ServedModel:
             )
         return self.predictor.prepare(path, name, explain)
 
-    def classify(self, prepared: Prepared, explain: bool) -> dict[str, Any]:
-        """The answer for one prepared image and the time spent on it."""
+    def classify(self, prepared: Prepared, explain: bool, observe: bool = True) -> dict[str, Any]:
+        """The answer for one prepared image and the time spent on it; `observe`: the image
+        joins the shift monitor's window (`drift`)."""
         assert self.predictor is not None
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter()
             (result,) = self.predictor.run([prepared], gradcam=explain)
         inferred = time.perf_counter()
+        if observe:
+            self.predictor.observe([result])
         quality = None
         if result.quality is not None:
             quality = result.quality.as_dict()
@@ -134,6 +146,8 @@ class ServedModel:
             "scale": result.scale,
             "quality": quality,
             "gradcam_png": _png_base64(result.overlay) if result.overlay is not None else None,
+            "ood_score": result.ood_score,
+            "ood_flag": result.ood_flag,
             "size": list(result.size or (0, 0)),
             "timing_ms": {
                 "queue": 1000 * (waited - start),
@@ -141,6 +155,14 @@ class ServedModel:
             },
         }
         return answer
+
+    def drift(self) -> dict[str, Any]:
+        """The shift test over the window of recent requests (`Predictor.drift`)."""
+        if self.predictor is None:
+            model, task = self.settings.model, self.task
+            reason = f"{model} is a {task} model: the shift monitor is for classifiers."
+            return {"status": "unavailable", "reason": reason}
+        return self.predictor.drift()
 
     def read_for_mask(self, path: Path | np.ndarray, name: str | None = None) -> np.ndarray:
         """Decode one upload as the segmenter's data were (outside the lock)."""

@@ -23,6 +23,7 @@ MB = 1_000_000
 MAX_BYTES = 50 * MB  # uploads larger than this are cut off while they stream in
 MAX_PIXELS = 50_000_000  # as medx.predict: larger images are refused before decoding
 QC_MODES = ("flag", "refuse")
+DRIFT_WINDOW = 200  # as medx.inference.shift.WINDOW (not imported: --help stays light)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Settings:
     qc: str | None = None
     qc_mode: str = "flag"
     qc_threshold: float | None = None
+    drift_window: int = DRIFT_WINDOW  # recent classified requests GET /drift tests
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -50,6 +52,11 @@ class Settings:
             raise ConfigError(f"--port {self.port} is not a TCP port (1 to 65535).")
         if self.workers < 1 or self.threads < 0:
             raise ConfigError("--workers must be at least 1 and --threads at least 0.")
+        if self.drift_window < 2:
+            raise ConfigError(
+                f"--drift-window {self.drift_window}: the shift test of recent requests needs "
+                f"a window of at least 2 images (default {DRIFT_WINDOW})."
+            )
         if self.qc_mode not in QC_MODES:
             raise ConfigError(f"--qc-mode {self.qc_mode!r}: choose one of {', '.join(QC_MODES)}.")
         if self.token is not None and not self.token.strip():
@@ -105,7 +112,7 @@ class Settings:
         return cls(**values)
 
 
-_INTS = ("port", "workers", "threads", "max_bytes", "max_pixels")
+_INTS = ("port", "workers", "threads", "max_bytes", "max_pixels", "drift_window")
 
 
 def _parse(name: str, text: str) -> Any:
@@ -132,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m medx.serve",
         description="Serve a medx model over HTTP: POST /predict, /segment; GET /health, "
-        "/ready, /metadata, /docs. Every flag can be set as MEDX_SERVE_<FLAG>, e.g. "
+        "/ready, /metadata, /drift, /docs. Every flag can be set as MEDX_SERVE_<FLAG>, e.g. "
         "MEDX_SERVE_MAX_BYTES; a flag wins over its variable.",
         epilog="Exit status: 0 after Ctrl-C; 1 for a bad setting, or a model that cannot be "
         "loaded (the log says why; the server stops within seconds of starting); 3 when the "
@@ -171,6 +178,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qc", default=env("qc"), help="a data=quality checkpoint: quality verdicts")
     p.add_argument("--qc-mode", choices=QC_MODES, default=env("qc_mode", "flag"))
     p.add_argument("--qc-threshold", type=float, default=env("qc_threshold"))
+    p.add_argument(
+        "--drift-window",
+        type=int,
+        default=env("drift_window", DRIFT_WINDOW),
+        help="recent classified requests GET /drift tests against the model's validation "
+        f"images (default {DRIFT_WINDOW}; a shift reference on the card needed)",
+    )
     p.add_argument("--log-level", default=env("log_level", "info"))
     return p
 
@@ -195,5 +209,6 @@ def from_parsed(args: argparse.Namespace) -> Settings:
         qc=args.qc,
         qc_mode=args.qc_mode,
         qc_threshold=args.qc_threshold,
+        drift_window=args.drift_window,
         log_level=args.log_level,
     )

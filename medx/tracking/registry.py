@@ -12,8 +12,10 @@ DICOM, sniffed from the bytes); over REST (`/invocations`) the bytes are base64 
 MLflow decodes by the signature. Bytes, not file paths: a server cannot see its clients' files.
 Output for classifiers: `p_<class>` per class (calibrated unless `params={"calibrated": false}`),
 `predicted`, and for binary models `decision` at the validation-chosen `threshold` (with its
-`threshold_scale` and `threshold_source`), `temperature`, and `error` (empty, or why that
-row's image was refused).
+`threshold_scale` and `threshold_source`: "site calibration ..." once `medx.calibrate` re-chose
+it), `temperature`, with a shift reference on the card the shift monitor's `ood_score` and
+`ood_flag` of each image (optional columns: absent without one), and `error` (empty, or why
+that row's image was refused).
 Segmenters answer `mask` (PNG bytes, 0/255, at the image's size) and `foreground` (its share).
 
 `models:/NAME/VERSION` and `models:/NAME@ALIAS` are accepted wherever medx takes a model
@@ -183,6 +185,10 @@ def signature(card: ModelCard, model: Any = None) -> ModelSignature:
     classes = _classes(card, model)
     outputs = [ColSpec("double", f"p_{c}") for c in classes]
     outputs += [ColSpec("string", "predicted"), ColSpec("double", "temperature")]
+    outputs += [  # the shift monitor's, with a shift reference on the card
+        ColSpec("double", "ood_score", required=False),
+        ColSpec("boolean", "ood_flag", required=False),
+    ]
     if len(classes) == 2:
         outputs += [
             ColSpec("string", "decision", required=False),
@@ -269,14 +275,18 @@ class MedxModel(mlflow.pyfunc.PythonModel):
         if (predictor.tta, predictor.calibrated) != (tta, calibrated):
             predictor = predictor.configured(tta=tta, calibrated=calibrated)
         answers = predictor.predict(images, names, batch_size=BATCH)
-        return pd.DataFrame([_row(a, predictor.classes) for a in answers])
+        monitored = predictor.shift_monitor is not None
+        return pd.DataFrame([_row(a, predictor.classes, monitored) for a in answers])
 
 
-def _row(answer: Any, classes: list[str]) -> dict[str, Any]:
+def _row(answer: Any, classes: list[str], monitored: bool = False) -> dict[str, Any]:
     """One output row of a `medx.inference.Prediction` (the signature's columns)."""
     probs = answer.probabilities or {}
     row: dict[str, Any] = {f"p_{c}": probs.get(c, math.nan) for c in classes}
     row.update(predicted=answer.predicted or "", temperature=answer.temperature)
+    if monitored:
+        row["ood_score"] = math.nan if answer.ood_score is None else answer.ood_score
+        row["ood_flag"] = answer.ood_flag
     if answer.decision is not None:
         row["decision"] = answer.decision.label
         row["threshold"] = float(answer.decision.threshold)

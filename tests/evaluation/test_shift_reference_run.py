@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
+from medx.config import compose
 from medx.eval import main as eval_main
 from medx.inference.shift import ShiftMonitor, unavailable_reason
 from medx.models.base import CARD_KEY
@@ -64,7 +65,7 @@ def test_a_run_keeps_a_shift_reference_and_stress_tests_its_test_split(
     reason = unavailable_reason(model_card(old), str(old))
     assert "no shift reference" in reason and f"python -m medx.eval ckpt_path={old}" in reason
 
-    eval_main([f"ckpt_path={old}"])
+    eval_main(compose([f"ckpt_path={old}"], "eval"))
     card = model_card(old)
     assert card["shift_reference"]["info"]["images"] == entry["info"]["images"]
     assert card["operating_point"] == operating_point  # nothing it shipped with changed

@@ -2,8 +2,9 @@
 `data.intensity`, the same real images give the same calibrated probabilities and decision
 through the Python API (`medx.inference.Predictor`), the `medx.predict` CSV,
 `mlflow.pyfunc.load_model("models:/...")`, the ONNX export run by onnxruntime, `medx.serve`
-with each backend and `mlflow models serve`; a segmenter gives the same mask through the API,
-`medx.predict`, the pyfunc and `medx.serve`.
+with each backend and `mlflow models serve`, and the same shift monitor's `ood_score` (the
+models keep a shift reference; an ONNX export has no monitor and says so with none); a
+segmenter gives the same mask through the API, `medx.predict`, the pyfunc and `medx.serve`.
 
 The in-process doors run in every test run; the server doors (real uvicorn, a real `mlflow
 models serve` subprocess) are `slow`. The models are trained once per intensity (module
@@ -45,6 +46,7 @@ TOLERANCE = {"pytorch": 1e-5, "onnxruntime": 1e-4}
 TINY = [
     "model.backbone=test_resnet",
     "data.n_patients=40",
+    "data.val_from_train=0.3",  # 24 val images: enough for a shift reference
     "data.image_size=48",
     "data.num_workers=0",
     "trainer.max_epochs=1",
@@ -112,12 +114,14 @@ def images(medx_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Pa
 
 @dataclass
 class Answer:
-    """What must agree: probabilities, the decision, its threshold and scale."""
+    """What must agree: probabilities, the decision, its threshold and scale, and the shift
+    monitor's out-of-distribution score."""
 
     probabilities: dict[str, float]
     decision: str | None
     threshold: float | None
     scale: str | None
+    ood_score: float | None = None
 
 
 def _from_api(result) -> Answer:
@@ -127,26 +131,44 @@ def _from_api(result) -> Answer:
         d and d.label,
         d and d.threshold,
         d and d.scale,
+        result.ood_score,
     )
+
+
+def _number(value) -> float | None:
+    """A CSV cell, a pyfunc or JSON value as a float (None: empty, absent, NaN)."""
+    if value in (None, ""):
+        return None
+    number = float(value)
+    return None if np.isnan(number) else number
 
 
 def _from_row(row: dict, classes: list[str]) -> Answer:
     """A medx.predict CSV row, a pyfunc or `mlflow models serve` row (dict-like)."""
-    threshold = row.get("threshold")
     return Answer(
         {c: float(row[f"p_{c}"]) for c in classes},
         row.get("decision") or None,
-        None if threshold in (None, "") else float(threshold),
+        _number(row.get("threshold")),
         row.get("threshold_scale") or None,
+        _number(row.get("ood_score")),
     )
 
 
 def _from_json(body: dict) -> Answer:
     d = body["decision"]
-    return Answer(body["probabilities"], d and d["class"], d and d["threshold"], d and d["scale"])
+    return Answer(
+        body["probabilities"],
+        d and d["class"],
+        d and d["threshold"],
+        d and d["scale"],
+        body["ood_score"],
+    )
 
 
-def _assert_agree(reference: list[Answer], got: list[Answer], door: str, tolerance: float):
+def _assert_agree(
+    reference: list[Answer], got: list[Answer], door: str, tolerance: float, monitor: bool = True
+):
+    """`got` answers as `reference`; without a `monitor` (ONNX) with no ood_score at all."""
     assert len(got) == len(reference), door
     for i, (want, have) in enumerate(zip(reference, got, strict=True)):
         assert have.probabilities.keys() == want.probabilities.keys(), door
@@ -154,6 +176,10 @@ def _assert_agree(reference: list[Answer], got: list[Answer], door: str, toleran
             assert have.probabilities[c] == pytest.approx(p, abs=tolerance), (door, i, c)
         assert (have.decision, have.scale) == (want.decision, want.scale), (door, i)
         assert have.threshold == pytest.approx(want.threshold, abs=1e-6), (door, i)
+        if not monitor:
+            assert have.ood_score is None, (door, i)
+        else:  # the CSV writes 4 decimals
+            assert have.ood_score == pytest.approx(want.ood_score, rel=1e-5, abs=1e-4), (door, i)
 
 
 def _csv_answers(model: str, folder: Path, out: Path, classes: list[str], *flags: str):
@@ -183,6 +209,7 @@ def test_every_door_in_process_gives_the_same_answer(
         classes = predictor.classes
         reference = [_from_api(r) for r in predictor.predict(images)]
         assert all(a.decision is not None and a.scale == scale for a in reference)
+        assert all(a.ood_score is not None and a.ood_score > 0 for a in reference)
 
         doors = {
             "medx.predict CSV": _csv_answers(
@@ -200,7 +227,8 @@ def test_every_door_in_process_gives_the_same_answer(
             _assert_agree(reference, answers, f"{door} ({scale})", TOLERANCE["pytorch"])
         by_onnx = Predictor.from_checkpoint(onnx, calibrated=calibrated).predict(images)
         answers = [_from_api(r) for r in by_onnx]
-        _assert_agree(reference, answers, f"onnxruntime ({scale})", TOLERANCE["onnxruntime"])
+        door = f"onnxruntime ({scale})"
+        _assert_agree(reference, answers, door, TOLERANCE["onnxruntime"], monitor=False)
 
     # the card's intensity step is applied: without it the model answers otherwise
     plain = torch.stack([predictor.model_input(read(p)) for p in images])
@@ -225,8 +253,13 @@ def test_every_server_gives_the_same_answer(
                 answer = httpx.post(f"{url}/predict", files={"file": path.open("rb")}, timeout=60)
                 assert answer.status_code == 200, answer.text
                 answers.append(_from_json(answer.json()))
-            _assert_agree(reference, answers, f"medx.serve {backend}", TOLERANCE[backend])
+            monitor = backend == "pytorch"
+            door = f"medx.serve {backend}"
+            _assert_agree(reference, answers, door, TOLERANCE[backend], monitor)
             metadata = httpx.get(f"{url}/metadata").json()
+            drift = httpx.get(f"{url}/drift").json()  # too few requests yet for a test
+            assert drift["status"] == ("collecting" if monitor else "unavailable"), drift
+            assert drift.get("seen") == (len(images) if monitor else None)
         # both thresholds are labelled: the card's (raw) and the one the service applies
         assert metadata["card"]["operating_point"]["scale"] == "raw"
         assert metadata["decision"]["scale"] == "calibrated"

@@ -21,7 +21,8 @@ from medx.calibrate import main as calibrate_main
 from medx.config import compose
 from medx.data.shifted import ShiftedImages
 from medx.evaluation import metrics
-from medx.inference.shift import ShiftMonitor, folder_features
+from medx.inference import Predictor
+from medx.inference.shift import ShiftMonitor
 from medx.models.base import CARD_KEY
 from medx.models.load import load, model_card
 from medx.train import train
@@ -168,13 +169,18 @@ def test_site_calibration_restores_the_target_sensitivity_on_held_apart_shifted_
     assert entries["operating_point"] == point
     assert "written to" in capsys.readouterr().out
 
-    model = load(new)
-    _, probs = folder_features(model, [p for p, _ in rest], 64, "none")
+    # the new checkpoint, used as medx.predict uses it: the site's threshold, said so
+    predictor = Predictor.from_checkpoint(new, calibrated=False)
+    assert predictor.rule.source.startswith("site calibration") and predictor.rule.scale == "raw"
+    answers = predictor.predict([p for p, _ in rest])
+    p_pneumonia = np.array([a.probabilities["PNEUMONIA"] for a in answers])
     labels = np.array([y for _, y in rest])
-    sens = lambda t: metrics.rates(labels, (probs[:, 1] >= t).astype(int), 2)["sensitivity"][0]  # noqa: E731
+    sens = lambda t: metrics.rates(labels, (p_pneumonia >= t).astype(int), 2)["sensitivity"][0]  # noqa: E731
     low, high = provenance["sensitivity_ci"]
     before, after = sens(old_card["operating_point"]["threshold"]), sens(point["threshold"])
     assert before < low <= after <= high, (before, after, low, high)
+    decided = np.array([a.decision.label == "PNEUMONIA" for a in answers])
+    assert np.array_equal(decided, p_pneumonia >= point["threshold"])
 
 
 def _exits(argv: list[str]) -> str:
