@@ -122,7 +122,12 @@ SHIFTS: dict[str, Shift] = {
 
 
 def check_shifts(names: Sequence[str] | None, key: str = "eval.stress_shifts") -> list[str]:
-    """The shift names (all when None), or a ConfigError naming `key` and the choices."""
+    """The shift names (all when None), or a ConfigError naming `key` and the choices.
+
+    Args:
+        names: shift names, or None for all.
+        key: the config key the names came from, for the error.
+    """
     names = list(SHIFTS) if names is None else list(names)
     unknown = [n for n in names if n not in SHIFTS]
     if unknown or not names:
@@ -133,7 +138,19 @@ def check_shifts(names: Sequence[str] | None, key: str = "eval.stress_shifts") -
 
 
 def apply(img: np.ndarray, name: str, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """`img` (uint8 HxW or HxWx3) under shift `name` at `severity` (1..SEVERITIES)."""
+    """`img` (uint8 HxW or HxWx3) under shift `name` at `severity` (1..SEVERITIES).
+
+    Args:
+        img: decoded gray pixels (HxW, or HxWx3 with equal channels), before any intensity
+            standardisation.
+        name: a key of `SHIFTS`: gamma, contrast, blur, noise, resolution, crop,
+            collimation, jpeg.
+        severity: 1 (barely visible) to 3 (obvious).
+        rng: the randomness (noise), so that a shifted image is reproducible.
+
+    Example:
+        >>> darker = apply(gray, "gamma", 2, np.random.default_rng(0))
+    """
     if not 1 <= severity <= SEVERITIES:
         raise ValueError(f"severity must be in 1..{SEVERITIES}, got {severity}")
     out = SHIFTS[name](np.ascontiguousarray(img), severity, rng)
@@ -145,6 +162,10 @@ class RandomAcquisition:
 
     Picklable (data loader workers); the randomness comes from NumPy's global generator, which
     Lightning seeds per worker (`seed_everything(workers=True)`).
+
+    Args:
+        p: the share of images shifted.
+        max_severity: severities 1..max_severity are drawn.
     """
 
     def __init__(self, p: float = 0.5, max_severity: int = 2) -> None:

@@ -81,9 +81,24 @@ def clinical_report(
 ) -> tuple[dict[str, float], list[Path]]:
     """All `test/...` (and val-side `val/..._at_op`) metrics, and the files written to out_dir.
 
-    `test_columns`: more per-image facts from the datamodule (e.g. the quality task's
-    degradation and severity), appended to test_predictions.csv; each text column also gets
-    `test_by_<column>.csv`, the errors per value, to show which kind of case a model misses.
+    Args:
+        val: the validation split's logits and labels (the operating point and the
+            temperature are chosen there).
+        test: the test split's logits and labels (every metric is computed there).
+        out_dir: where the figures and tables are written.
+        class_names: in logit order (class 1 is the positive class of a binary task).
+        target_sensitivity: for the operating point (binary tasks).
+        calibrate: "temperature" or None.
+        n_boot: bootstrap resamples for the 95% CIs.
+        seed: of the bootstrap.
+        test_paths: each test image's file, for `test_predictions.csv`.
+        test_columns: more per-image facts from the datamodule (e.g. the quality task's
+            degradation and severity), appended to test_predictions.csv; each text column
+            also gets `test_by_<column>.csv`, the errors per value, to show which kind of case
+            a model misses.
+
+    Returns:
+        The metrics (name → value) and the files written.
     """
     test_columns = {
         k: list(v) for k, v in (test_columns or {}).items() if len(v) == len(test.labels)
@@ -235,7 +250,30 @@ def _write_predictions(
 class ClinicalEvaluation(Callback):
     """After `trainer.test`: metrics with bootstrap CIs, val-chosen operating point,
     calibration, figures and per-image predictions, logged to the trainer's loggers and
-    written to `<default_root_dir>/evaluation` (also uploaded as MLflow artifacts)."""
+    written to `<default_root_dir>/evaluation` (also uploaded as MLflow artifacts).
+
+    The operating point, the temperature and the shift reference go into the model card of
+    the tested checkpoint. Classifiers only: other modules are left alone. Configured from the
+    `eval.*` keys (`conf/callbacks/default.yaml`).
+
+    Args:
+        target_sensitivity: the operating point is the highest threshold reaching this
+            sensitivity on validation (`eval.target_sensitivity`, in (0, 1]).
+        calibrate: "temperature" (one temperature fitted on validation NLL) or None
+            (`eval.calibrate`).
+        bootstrap: resamples for the 95% CIs (`eval.bootstrap`).
+        seed: of the bootstrap, the shift reference's split of val and the stress test.
+        tta: evaluate with test-time augmentation; the operating point is then TTA's own
+            (`operating_point_tta`) (`eval.tta`).
+        shift_reference: keep the validation images' shift reference on the card and test
+            the test split against it (`test/shift_p_value`) (`eval.shift_reference`).
+        stress: re-evaluate `stress_split` under every simulated acquisition shift and
+            severity (`eval.stress`; `medx.evaluation.stress`).
+        stress_shifts: the shifts of the stress test (None: all of
+            `medx.data.acquisition.SHIFTS`) (`eval.stress_shifts`).
+        stress_split: "test", or "val" to compare recipes on validation folds
+            (`eval.stress_split`).
+    """
 
     def __init__(
         self,

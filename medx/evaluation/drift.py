@@ -157,7 +157,16 @@ class ShiftReference:
         """The reference from val features (n, D) and scores (n,): PCA on a random half, the
         reference sample (at most `max_points`) and the OOD threshold from the other.
 
-        Raises ValueError with fewer than MIN_VAL_IMAGES images.
+        Args:
+            features: the validation images' penultimate-layer features (n, D).
+            scores: the model's raw score of each (p(class 1), or the top probability).
+            components: PCA components kept (fewer when val or D is smaller).
+            max_points: reference images kept on the card.
+            seed: the random split of val into halves.
+            **info: provenance kept in `info` (e.g. `fitted_on="val"`).
+
+        Raises:
+            ValueError: fewer than MIN_VAL_IMAGES images.
         """
         features = np.asarray(features, dtype=np.float64)
         scores = np.asarray(scores, dtype=np.float64)
@@ -210,7 +219,16 @@ class ShiftReference:
         permutations: int = PERMUTATIONS,
         seed: int = 0,
     ) -> ShiftReport:
-        """Two-sample test of new images' features (n, D) (and scores) against the reference."""
+        """Two-sample test of new images' features (n, D) (and scores) against the reference.
+
+        Args:
+            features: the new images' penultimate-layer features (n, D), n >= 2.
+            scores: their raw scores, as the reference's (None: the feature test alone).
+            significance: the alarm level of the verdict.
+            permutations: of the MMD test (p-value resolution 1 / (1 + permutations)).
+            seed: of the permutations (and of the sample when there are more than
+                MAX_TESTED images).
+        """
         return self.test_coordinates(
             self.coordinates(features), scores, significance, permutations, seed
         )

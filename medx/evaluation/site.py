@@ -84,7 +84,15 @@ def recalibrate(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> SiteCalibration:
-    """Threshold for `target_sensitivity` and temperature on a binary sample, with intervals."""
+    """Threshold for `target_sensitivity` and temperature on a binary sample, with intervals.
+
+    Args:
+        logits: N x 2 logits of the site's images (raw: no temperature applied).
+        labels: their class indices (1: positive).
+        target_sensitivity: the sensitivity the new threshold must reach.
+        n_boot: bootstrap resamples for the intervals.
+        seed: of the bootstrap.
+    """
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, int)
     scores = calibration.softmax(logits)[:, 1]
     threshold = metrics.threshold_for_sensitivity(labels, scores, target_sensitivity)
@@ -130,7 +138,14 @@ def card_entries(
 ) -> dict[str, Any]:
     """The card entries a site calibration writes: `operating_point` (new, with its
     provenance), `previous_operating_points` (the replaced one appended), `calibration`
-    (the new temperature, its provenance and the previous temperature)."""
+    (the new temperature, its provenance and the previous temperature).
+
+    Args:
+        card: the model's current card.
+        found: what `recalibrate` found.
+        provenance: where the sample came from (source, class counts, data digest, model,
+            the site's shift test); the date and sample size are added here.
+    """
     date = datetime.now(UTC).isoformat(timespec="seconds")
     common = {**dict(provenance), "date": date, "images": found.images}
     previous = list(deepcopy(card.get("previous_operating_points") or []))

@@ -69,7 +69,25 @@ def stress_table(
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[dict]:
-    """One row per shift × severity (and a first `none` row, severity 0, unshifted)."""
+    """One row per shift × severity (and a first `none` row, severity 0, unshifted).
+
+    Args:
+        module: a classifier (with `embed`, for the monitor's columns).
+        paths: the split's image files (re-read and shifted: `medx.data.shifted`).
+        labels: their class indices.
+        image_size: the model's input size.
+        intensity: the model's per-image standardisation, applied after the shift.
+        threshold: the val-chosen operating point (raw scale): sensitivity and specificity
+            at it (None: AUROC only).
+        shifts: names from `medx.data.acquisition.SHIFTS` (None: all).
+        reference: the model's shift reference: each row's `monitor_p` and `ood_rate`.
+        batch_size: images per forward pass.
+        seed: the shifts' randomness (noise), per image.
+
+    Returns:
+        Rows with the keys of `COLUMNS`: shift, severity, images, auroc, sensitivity,
+        specificity, monitor_p, ood_rate.
+    """
     shifts = check_shifts(shifts)
     labels = np.asarray(labels)
     was_training = module.training

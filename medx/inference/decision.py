@@ -4,7 +4,7 @@ where it came from.
 The operating point is chosen on validation on the raw softmax (the card stores it with
 `scale: "raw"`). Temperature scaling is monotonic, so the same point is mapped onto the scale
 of the probabilities reported (`to_scale`), and the decision does not change with
-calibration: a card's 0.0879 raw is 0.1031 on the calibrated scale of a model with T = 1.3,
+calibration: a card's 0.0879 raw is 0.1031 on the calibrated scale of a model with T ≈ 1.08,
 and both say which scale they are on.
 """
 
@@ -24,7 +24,12 @@ log = logging.getLogger(__name__)
 
 
 def check_threshold(value: float, flag: str = "--threshold") -> float:
-    """`value` if it is a probability (finite, 0 to 1), else a ConfigError naming `flag`."""
+    """`value` if it is a probability (finite, 0 to 1), else a ConfigError naming `flag`.
+
+    Args:
+        value: the threshold given.
+        flag: how the error names it (the command-line flag or config key).
+    """
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -38,7 +43,18 @@ def check_threshold(value: float, flag: str = "--threshold") -> float:
 
 def to_scale(threshold: float, source: str, target: str, temperature: float) -> float:
     """A threshold on p(positive) moved from the `source` scale to the `target` scale
-    ("raw" softmax or "calibrated" by `temperature`); 0 and 1 stay where they are."""
+    ("raw" softmax or "calibrated" by `temperature`); 0 and 1 stay where they are.
+
+    Args:
+        threshold: on the `source` scale.
+        source: "raw" or "calibrated".
+        target: "raw" or "calibrated".
+        temperature: the card's temperature, which maps one scale onto the other.
+
+    Example:
+        >>> round(to_scale(0.0879, "raw", "calibrated", 1.08), 4)
+        0.1028
+    """
     check_scale(source)
     check_scale(target)
     if source == target or temperature == 1.0 or not 0.0 < threshold < 1.0:
@@ -110,7 +126,16 @@ class DecisionRule:
         """The rule for probabilities on `scale` (`temperature`: the card's, which maps one
         scale onto the other, whichever is reported): `threshold`
         when given (on that scale), else the card's operating point (TTA's own with `tta`),
-        mapped onto it; None when neither exists (no decision is made up)."""
+        mapped onto it; None when neither exists (no decision is made up).
+
+        Args:
+            card: the model's typed card.
+            classes: the class names (two).
+            scale: the scale of the probabilities the rule is applied to.
+            temperature: the card's temperature.
+            threshold: a threshold on `scale` that replaces the card's (`--threshold`).
+            tta: the probabilities are TTA-averaged: use `operating_point_tta`.
+        """
         pair = (classes[0], classes[1])
         if threshold is not None:
             return cls(check_threshold(threshold), scale, "--threshold", pair)

@@ -29,7 +29,12 @@ class OnnxModelError(CheckpointError):
 
 
 def pad_to_stride(x: np.ndarray, step: int) -> np.ndarray:
-    """NCHW images padded at the bottom and right, repeating edge pixels, to multiples of step."""
+    """NCHW images padded at the bottom and right, repeating edge pixels, to multiples of step.
+
+    Args:
+        x: N x C x H x W images.
+        step: the network's stride (`medx.input.stride` of the file).
+    """
     h, w = x.shape[-2:]
     if h % step == 0 and w % step == 0:
         return x
@@ -132,7 +137,11 @@ class OnnxModel:
         return torch.from_numpy(logits) if as_torch else logits
 
     def predict_masks(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """Foreground probabilities (N x 1 x H x W) of [0, 1] images."""
+        """Foreground probabilities (N x 1 x H x W) of [0, 1] images.
+
+        Args:
+            x: N x 3 x H x W float images in [0, 1], any size (padded to the stride here).
+        """
         logits = self(x)
         if isinstance(logits, torch.Tensor):
             return torch.sigmoid(logits)

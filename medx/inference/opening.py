@@ -32,7 +32,11 @@ _WARNED: set[str] = set()  # models whose synthetic training data this process h
 
 
 def is_model_uri(source: str | Path) -> bool:
-    """Whether `source` names a registered model (`models:/...`)."""
+    """Whether `source` names a registered model (`models:/...`).
+
+    Args:
+        source: a path or URI.
+    """
     return str(source).startswith(URI_PREFIX)
 
 
@@ -61,7 +65,11 @@ def open_model(source: str | Path, threads: int | None = None) -> Any:
 
 
 def backend_of(model: Any) -> str:
-    """ "onnxruntime" for an ONNX export, "pytorch" for a module."""
+    """ "onnxruntime" for an ONNX export, "pytorch" for a module.
+
+    Args:
+        model: an opened model (`open_model`).
+    """
     return "onnxruntime" if isinstance(model, OnnxModel) else "pytorch"
 
 

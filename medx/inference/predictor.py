@@ -276,7 +276,11 @@ class Predictor:
 
     def configured(self, **changes: Any) -> Predictor:
         """The same model (and gate, and lungs) with other options, e.g.
-        `predictor.configured(calibrated=False, tta=True)`."""
+        `predictor.configured(calibrated=False, tta=True)`.
+
+        Args:
+            **changes: `Predictor` arguments to change; the others are kept.
+        """
         options = {
             "calibrated": self.calibrated,
             "threshold": self.threshold,
@@ -375,7 +379,12 @@ class Predictor:
 
     def shift_test(self, predictions: Sequence[Prediction]) -> ShiftReport | None:
         """The two-sample test of a set of predictions' images against the validation
-        reference; None without a monitor (`shift_unavailable` says why) or below 2 images."""
+        reference; None without a monitor (`shift_unavailable` says why) or below 2 images.
+
+        Args:
+            predictions: results of `predict` (or a stream); images that were not classified
+                are left out.
+        """
         if self.shift_monitor is None:
             return None
         sample = self.shift_monitor.sample()
@@ -384,7 +393,11 @@ class Predictor:
 
     def observe(self, predictions: Sequence[Prediction]) -> None:
         """Add served images to the monitor's window of recent ones (thread-safe; nothing
-        without a monitor, and nothing for an image that was not classified)."""
+        without a monitor, and nothing for an image that was not classified).
+
+        Args:
+            predictions: results of `predict` or `run`.
+        """
         features, scores = _monitored(predictions)
         if self.shift_monitor is not None and len(features):
             self.shift_monitor.observe(features, scores)
@@ -402,6 +415,12 @@ class Predictor:
         """Decode one input for `run`: the model's input and, when a step needs them, the
         pixels as they are. For a service, which decodes in parallel outside the model's lock.
 
+        Args:
+            source: a file path, its bytes, or HxWx3 uint8 RGB pixels.
+            name: how the result and errors name it (default: its path, or "image 0").
+            gradcam: the pixels Grad-CAM's overlay needs are kept (default: the predictor's
+                setting).
+
         Raises:
             BadImageError: the input cannot be read (PixelLimitError: too many pixels).
         """
@@ -410,7 +429,12 @@ class Predictor:
         return prepared
 
     def run(self, prepared: Sequence[Prepared], gradcam: bool | None = None) -> list[Prediction]:
-        """The predictions for prepared inputs (one forward pass)."""
+        """The predictions for prepared inputs (one forward pass).
+
+        Args:
+            prepared: inputs decoded by `prepare`.
+            gradcam: Grad-CAM for these inputs (default: the predictor's setting).
+        """
         if not prepared:
             return []
         x = torch.stack([p.x if p.x is not None else self.model_input.blank() for p in prepared])
@@ -499,7 +523,11 @@ class Predictor:
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N x classes, float32) of a batch of model inputs: softmax of
-        the logits over the temperature; with TTA the mean over views (`tta_logits`)."""
+        the logits over the temperature; with TTA the mean over views (`tta_logits`).
+
+        Args:
+            x: N x 3 x S x S images in [0, 1] at the model's size (`ModelInput`).
+        """
         with torch.inference_mode():
             if self.tta:
                 from medx.evaluation.tta import tta_logits

@@ -100,11 +100,21 @@ class QualityGate:
     def from_checkpoint(
         cls, source: str | Path, threshold: float | None = None, mode: str = "flag"
     ) -> QualityGate:
-        """Open a quality model (a checkpoint, `models:/` URI or .onnx) as a gate."""
+        """Open a quality model (a checkpoint, `models:/` URI or .onnx) as a gate.
+
+        Args:
+            source: a `data=quality` model: the feature baseline or a CNN.
+            threshold: see `QualityGate`.
+            mode: "flag" or "refuse".
+        """
         return cls(open_model(source), threshold, mode, str(source))
 
     def p_bad(self, image: np.ndarray) -> float:
-        """The probability that an HxWx3 uint8 RGB image (decoded as is) is bad."""
+        """The probability that an HxWx3 uint8 RGB image (decoded as is) is bad.
+
+        Args:
+            image: the pixels without the classifier's intensity step (`read(source)`).
+        """
         warn_if_synthetic(self.card, self.source)
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         x = self.model_input(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))[None]
@@ -119,7 +129,11 @@ class QualityGate:
         return image_features(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
 
     def judge(self, image: np.ndarray) -> Quality:
-        """The verdict on one image (see `Quality`)."""
+        """The verdict on one image (see `Quality`).
+
+        Args:
+            image: HxWx3 uint8 RGB pixels, decoded as they are.
+        """
         p = self.p_bad(image)
         bad = p >= self.threshold
         refused = bad and self.mode == "refuse"

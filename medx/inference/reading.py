@@ -89,7 +89,13 @@ def declared_pixels(path: Path) -> int:
 
 def check_size(path: Path, max_pixels: int) -> None:
     """Refuse a file that declares more than `max_pixels` pixels anywhere, before any decoder
-    runs (PixelLimitError naming it, the size and where it is declared)."""
+    runs (PixelLimitError naming it, the size and where it is declared).
+
+    Args:
+        path: the file: its image header, or for DICOM its header and its codestream's own
+            size (JPEG 2000 SIZ, JPEG SOF, JPEG-LS), are read without decoding.
+        max_pixels: the limit (`--max-pixels`, default `MAX_PIXELS`, 50 M).
+    """
     check_declared_size(path, max_pixels)
 
 

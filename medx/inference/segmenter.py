@@ -123,7 +123,20 @@ class Segmenter:
         max_pixels: int = MAX_PIXELS,
         threads: int | None = None,
     ) -> Segmenter:
-        """Open `source` (a checkpoint, `models:/NAME/VERSION|@ALIAS` or .onnx) to segment."""
+        """Open `source` (a checkpoint, `models:/NAME/VERSION|@ALIAS` or .onnx) to segment.
+
+        Args:
+            source: the segmentation model.
+            threshold: see `Segmenter`.
+            postprocess: see `Segmenter`.
+            max_pixels: see `Segmenter`.
+            threads: onnxruntime threads for .onnx models.
+
+        Example:
+            >>> lungs = Segmenter.from_checkpoint("lung_unet.ckpt")
+            >>> (result,) = lungs.segment(["chest.dcm"])
+            >>> result.mask.shape, result.foreground
+        """
         return cls(open_model(source, threads), threshold, postprocess, max_pixels, str(source))
 
     @property
@@ -139,11 +152,20 @@ class Segmenter:
         return backend_of(self.model)
 
     def read(self, source: Source, name: str | None = None) -> np.ndarray:
-        """One input's pixels as this model's data were decoded (BadImageError if not)."""
+        """One input's pixels as this model's data were decoded (BadImageError if not).
+
+        Args:
+            source: a file path, its bytes, or HxWx3 uint8 RGB pixels.
+            name: how errors name it.
+        """
         return read(source, self.max_pixels, self.intensity, name)
 
     def mask(self, image: np.ndarray) -> np.ndarray:
-        """The mask of pixels decoded by `read` (HxW uint8 0/255, at their size)."""
+        """The mask of pixels decoded by `read` (HxW uint8 0/255, at their size).
+
+        Args:
+            image: HxWx3 uint8 RGB pixels from `read`.
+        """
         warn_if_synthetic(self.card, self.source)
         return predict_mask(self.model, image, self.threshold, self.postprocess)
 

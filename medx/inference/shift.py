@@ -113,18 +113,34 @@ class ShiftMonitor:
 
     @classmethod
     def from_card(cls, card: Any, model: str = "this model", **options: Any) -> ShiftMonitor:
-        """The monitor of a model card (dict or typed card); ShiftUnavailable says why not."""
+        """The monitor of a model card (dict or typed card); ShiftUnavailable says why not.
+
+        Args:
+            card: the model's card (`model.card`).
+            model: how the reason names the model.
+            **options: `ShiftMonitor` arguments (window, min_images, significance, ...).
+        """
         reason = unavailable_reason(card, model)
         if reason:
             raise ShiftUnavailable(reason)
         return cls(ShiftReference.from_dict(_entry(card, "shift_reference")), **options)
 
     def ood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per image: (OOD score, flag). About 1 for a typical validation image."""
+        """Per image: (OOD score, flag). About 1 for a typical validation image.
+
+        Args:
+            features: penultimate-layer features (n, D) (`ClassificationModule.embed`).
+        """
         return self.reference.ood(np.atleast_2d(features))
 
     def test(self, features: np.ndarray, scores: Sequence[float] | None = None) -> ShiftReport:
-        """The two-sample test of these images (features (n, D), the model's scores (n,))."""
+        """The two-sample test of these images (features (n, D), the model's scores (n,)).
+
+        Args:
+            features: penultimate-layer features (n, D) of at least 2 images.
+            scores: the model's raw p(positive) of each (the top probability for more than
+                two classes), without TTA; None: the feature test alone.
+        """
         return self.reference.test(
             np.atleast_2d(features), scores, self.significance, self.permutations
         )
@@ -134,7 +150,12 @@ class ShiftMonitor:
         return ShiftSample(self)
 
     def observe(self, features: np.ndarray, scores: Sequence[float]) -> None:
-        """Add served images to the rolling window (thread-safe)."""
+        """Add served images to the rolling window (thread-safe).
+
+        Args:
+            features: penultimate-layer features (n, D).
+            scores: the model's raw score of each image, as for `test`.
+        """
         with self._lock:
             for f, s in zip(np.atleast_2d(features), scores, strict=True):
                 self._features.append(np.asarray(f, np.float32))
@@ -183,7 +204,12 @@ class ShiftSample:
         return sum(len(c) for c in self._coordinates)
 
     def add(self, features: np.ndarray, scores: Sequence[float]) -> None:
-        """Add images: their features (n, D) and the model's scores (n,)."""
+        """Add images: their features (n, D) and the model's scores (n,).
+
+        Args:
+            features: penultimate-layer features (n, D).
+            scores: the model's raw score of each image, as for `ShiftMonitor.test`.
+        """
         features = np.atleast_2d(np.asarray(features))
         if features.size:
             self._coordinates.append(self.monitor.reference.coordinates(features))

@@ -61,7 +61,13 @@ class MedxModule(L.LightningModule):
         self.card: dict[str, Any] = {}
 
     def use_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Buffers (saved with the weights) that `normalise` applies to [0, 1] images."""
+        """Buffers (saved with the weights) that `normalise` applies to [0, 1] images.
+
+        Args:
+            mean: per channel (ImageNet's when the network starts from ImageNet or local
+                weights, 0.5 otherwise).
+            std: per channel, likewise.
+        """
         self.register_buffer("input_mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
         self.register_buffer("input_std", torch.tensor(list(std)).view(1, -1, 1, 1))
 
@@ -113,7 +119,19 @@ class TransferModule(MedxModule):
         head: list[str],
         starts_trained: bool,
     ) -> None:
-        """Freeze per the strategy; remember the optimizer param groups (after save_hparams)."""
+        """Freeze per the strategy; remember the optimizer param groups (after save_hparams).
+
+        Args:
+            strategy: `strategy=` of the config (`medx.models.strategy.Strategy` or its dict;
+                None: everything trains).
+            optimizer: a partial optimizer (`optimizer=`), completed with the param groups in
+                `configure_optimizers` (None: AdamW).
+            scheduler: a partial LR scheduler (`scheduler=`), or None.
+            blocks: the encoder's blocks from the stem up, each a list of module names.
+            head: the module names of the new head (always trained).
+            starts_trained: the encoder starts from trained weights (`model.pretrained` or
+                `model.weights`); freezing a random encoder is warned about.
+        """
         strategy = Strategy(**strategy) if isinstance(strategy, dict) else strategy or Strategy()
         self.hparams["strategy"] = asdict(strategy)
         self.strategy = strategy

@@ -150,6 +150,7 @@ class OperatingPoint:
         tta: chosen on test-time-augmented probabilities.
         provenance: where a (re)chosen point came from (sample size, class counts, data
             digest, date, command); None for the training run's own choice.
+        extra: keys this medx does not know, kept as they are.
     """
 
     threshold: float
@@ -199,6 +200,7 @@ class Calibration:
         temperature: the fitted temperature (1.0: calibration changes nothing).
         fitted_on: the split it was fitted on ("val").
         provenance: where a refitted temperature came from; None for the training run's own.
+        extra: keys this medx does not know, kept as they are.
     """
 
     temperature: float = 1.0
@@ -236,6 +238,8 @@ class InputSpec:
         intensity: none, zscore, equalize or clahe.
         mean: the normalisation inside the model (per channel), for reference.
         std: likewise.
+        extra: the rest of the contract (`DECODING`: range, channels, how gray and 16-bit
+            images are mapped, the resize), kept as plain values.
     """
 
     image_size: int | None = None
@@ -321,7 +325,17 @@ class ModelCard:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> ModelCard:
         """The card of any medx checkpoint: schema 2, format 1 (`{"format": 1, ...}`: every
-        threshold raw), or none at all (`{}`: schema_version 0, the fields left empty)."""
+        threshold raw), or none at all (`{}`: schema_version 0, the fields left empty).
+
+        Args:
+            raw: the stored card (`checkpoint["medx"]`, `module.card`, the ONNX `medx.card`),
+                or None. Credentials in its URIs are redacted on reading.
+
+        Example:
+            >>> from medx.models.load import model_card
+            >>> card = ModelCard.from_dict(model_card("epoch007.ckpt"))
+            >>> card.class_names, card.operating_point.threshold, card.temperature
+        """
         raw = _redacted(dict(raw or {}))
         version = raw.get("schema_version", raw.get("format", 1 if raw else 0))
         known = {f.name for f in fields(cls)} | {"format"}
@@ -414,7 +428,11 @@ class ModelCard:
         return None
 
     def operating_point_for(self, tta: bool) -> OperatingPoint | None:
-        """The point chosen for plain (`tta=False`) or TTA-averaged probabilities."""
+        """The point chosen for plain (`tta=False`) or TTA-averaged probabilities.
+
+        Args:
+            tta: the probabilities are averaged over test-time augmentation views.
+        """
         return self.operating_point_tta if tta else self.operating_point
 
     def missing(self) -> list[str]:
@@ -453,7 +471,16 @@ def training_card(
     run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The card as training knows it: classes, input contract, data, run and config (stored
-    form; `ModelCard` adds the rest when the checkpoint is written)."""
+    form; `ModelCard` adds the rest when the checkpoint is written).
+
+    Args:
+        datamodule: the run's data module (its `classes`, `image_size`, `intensity`,
+            `patient_pattern`).
+        data_config: the resolved `data` config group.
+        config_yaml: the resolved training config, as YAML text.
+        run: the training run (`medx.tracking.runs.run_info`: id, experiment, tracking URI,
+            git commit); None or empty without MLflow.
+    """
     card = ModelCard(
         class_names=[str(c) for c in getattr(datamodule, "classes", None) or []],
         data={

@@ -49,7 +49,16 @@ def _module_classes() -> dict[str, type[MedxModule]]:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents (plain tensors and values only), or a CheckpointError that
-    names the file and says what is wrong with it."""
+    names the file and says what is wrong with it.
+
+    Args:
+        path: a local `.ckpt` file (a `models:/` URI is refused: `medx.inference.open_model`
+            resolves those).
+
+    Raises:
+        CheckpointError: missing, empty, truncated, not a PyTorch checkpoint, holding pickled
+            objects (refused by `weights_only=True`), or not written by medx; one line.
+    """
     if str(path).startswith("models:/"):
         raise CheckpointError(
             f"{path} is a registered model URI: open it with medx.inference (or resolve it "
@@ -96,14 +105,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_card(path: str | Path) -> dict[str, Any]:
     """The model card of a checkpoint (task, classes, input, run, operating point, ...), in
-    its stored form; `ModelCard.from_dict` types it."""
+    its stored form; `ModelCard.from_dict` types it.
+
+    Args:
+        path: a local `.ckpt` file; the weights are read too, but no module is built.
+    """
     ckpt = read_checkpoint(path)
     return card_of(ckpt)
 
 
 def card_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint's card as `ModelCard` reads it (any schema, or none), stored form; the
-    module class of a checkpoint from before the card is told by its hyper-parameters."""
+    module class of a checkpoint from before the card is told by its hyper-parameters.
+
+    Args:
+        ckpt: a checkpoint's contents, as `read_checkpoint` returns them.
+    """
     card = ModelCard.from_dict(ckpt.get(CARD_KEY))
     card.module = card.module or _legacy_module(ckpt["hyper_parameters"])
     return card.to_dict()
@@ -111,7 +128,23 @@ def card_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> MedxModule:
     """A ready, eval-mode module from any medx checkpoint (classifier, segmenter, quality
-    baseline, quality CNN), with its card in `module.card`."""
+    baseline, quality CNN), with its card in `module.card`.
+
+    Args:
+        path: a local `.ckpt` file written by `medx.train` (or by `medx.calibrate`). A
+            registered model (`models:/NAME/VERSION`) or an ONNX export is opened by
+            `medx.inference.open_model`, which calls this for checkpoints.
+        map_location: the device the module is moved to ("cpu", "cuda", a `torch.device`).
+
+    Returns:
+        The module (`ClassificationModule`, `SegmentationModule` or `QualityBaseline`), in
+        eval mode, its `card` holding the model card and `card["checkpoint"]` the path.
+
+    Raises:
+        CheckpointError: the file is not a readable medx checkpoint, names a module class this
+            medx cannot build, or its tensors do not fit the network its hyper-parameters
+            describe; one line naming the file.
+    """
     path = Path(path)
     ckpt = read_checkpoint(path)
     card = card_of(ckpt)
@@ -141,7 +174,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> MedxModu
 def update_card(path: str | Path, **entries: Any) -> None:
     """Add entries to a checkpoint's card (e.g. the operating point chosen after training),
     written by `ModelCard` (schema version, scales, redaction) and atomically: a crash leaves
-    the old file whole."""
+    the old file whole.
+
+    Args:
+        path: the `.ckpt` file, rewritten in place.
+        entries: card keys and their plain values, e.g. `operating_point={"threshold": 0.3,
+            "scale": "raw", "target_sensitivity": 0.95, "chosen_on": "val"}`; each replaces
+            the key's old value.
+    """
     path = Path(path)
     ckpt = read_checkpoint(path)
     raw = dict(ckpt.get(CARD_KEY) or {})

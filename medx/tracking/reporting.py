@@ -25,7 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class RunReport(Callback):
-    """The run's data set (dataset input) and selected checkpoint (score, epoch) in MLflow."""
+    """The run's data set (dataset input) and selected checkpoint (score, epoch) in MLflow.
+
+    When fitting starts: the data module as the run's dataset input (`medx.tracking.datasets`:
+    name, digest of the file list and pixels, source, split sizes as context; the runs
+    table's Dataset column) and tags naming the selection metric and mode. When it ends: the
+    selected checkpoint's monitored value and epoch as `<monitor>_best` and
+    `<monitor>_best_epoch` (`val/auroc_best`, `val/auroc_best_epoch`; logged at that epoch),
+    and the experiment's saved view re-sorted by it (`medx.tracking.views`). Nothing without
+    an MLflow logger (`logger=csv|none`), on other DDP ranks, or without a monitored
+    checkpoint (`fast_dev_run`). No arguments: `conf/callbacks/default.yaml`, `run_report`.
+    """
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = runs.mlflow_loggers(trainer.loggers)
@@ -61,7 +71,11 @@ class RunReport(Callback):
 
 def selected_epoch(path: str | Path) -> int | None:
     """The epoch a checkpoint file was saved at (its `epoch` entry, read memory-mapped), or None
-    when there is no such local file."""
+    when there is no such local file.
+
+    Args:
+        path: the checkpoint (Lightning's `best_model_path`).
+    """
     if not path or "://" in str(path) or not Path(path).is_file():
         return None
     try:
@@ -75,7 +89,13 @@ def selected_epoch(path: str | Path) -> int | None:
 
 def update_experiment_view(logger: Any, monitor: str, mode: str) -> None:
     """The experiment's saved view, now sorted by this run's selection metric (best first),
-    with the key params the run has as columns."""
+    with the key params the run has as columns.
+
+    Args:
+        logger: the run's MLflow logger (its client, run and experiment).
+        monitor: the selection metric, e.g. "val/auroc".
+        mode: "max" or "min": which way is better.
+    """
     client = logger.experiment
     run = client.get_run(logger.run_id)
     params = [p for p in views.KEY_PARAMS if p in run.data.params]

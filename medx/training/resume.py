@@ -125,6 +125,14 @@ class ResumableCheckpoint(ModelCheckpoint):
     `every_n_train_steps=N`, also every N optimizer steps inside an epoch (long epochs). Unlike
     Lightning's argument of that name, N does not move the top-k selection off epoch ends,
     where the monitored metric is fresh.
+
+    Args:
+        save_last: write `last.ckpt` (after every epoch, and every N steps with
+            `every_n_train_steps`).
+        every_n_train_steps: also refresh `last.ckpt` every N optimizer steps inside an epoch
+            (`callbacks.model_checkpoint.every_n_train_steps`; None: once per epoch).
+        **kwargs: Lightning's `ModelCheckpoint` arguments (`dirpath`, `filename`, `monitor`,
+            `mode`, `save_top_k`, ...), as `conf/callbacks/default.yaml` gives them.
     """
 
     def __init__(
