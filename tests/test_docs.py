@@ -49,8 +49,34 @@ def test_the_site_builds_strict_with_its_api_reference(site: Path) -> None:
     data = page(site, "reference/data.md").read_text()
     assert 'id="medx.data.folders.ImageFolderDataModule"' in data
     assert "patient_pattern" in data and "Parameters:" in data  # its Args: section, as a table
-    for doc in ("getting-started.md", "data.md", "benchmarks.md", "reference/callbacks.md"):
+    for doc in ("getting-started.md", "data.md", "benchmarks.md", "robustness.md"):
         assert page(site, doc).is_file(), doc
+
+
+def test_the_inference_api_page_renders_the_predictor_and_its_results(site: Path) -> None:
+    inference = page(site, "reference/inference.md").read_text()
+    for name in ("from_checkpoint", "predict", "stream", "shift_test", "observe", "drift"):
+        assert f'id="medx.inference.Predictor.{name}"' in inference, name
+    for name in ("Prediction", "Segmenter", "QualityGate", "OnnxModel", "DecisionRule", "read"):
+        assert f'id="medx.inference.{name}"' in inference, name
+    assert "ood_score" in inference and "threshold_scale" in inference  # results' fields
+    models = page(site, "reference/models.md").read_text()
+    assert 'id="medx.models.card.ModelCard"' in models and "previous_operating_points" in models
+    robustness = page(site, "reference/robustness.md").read_text()
+    assert 'id="medx.evaluation.drift.ShiftReference.fit"' in robustness
+    callbacks = page(site, "reference/callbacks.md").read_text()
+    assert 'id="medx.tracking.reporting.RunReport"' in callbacks
+    assert "stress_split" in callbacks  # ClinicalEvaluation's Args, not only its signature
+
+
+def test_every_console_script_is_documented() -> None:
+    scripts = re.findall(r'^(medx-\w+) = "medx\.cli:', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert len(scripts) >= 9
+    commands = (ROOT / "docs" / "getting-started.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for script in scripts:
+        assert f"| `{script}` |" in commands, f"{script} missing from the commands table"
+        assert script in readme, f"{script} missing from the README"
 
 
 def test_the_site_needs_nothing_from_the_network(site: Path) -> None:
