@@ -19,7 +19,7 @@ their transport, so the same image gives the same answer through each of them.
 - `read`, `find_inputs`: reading under the pixel limit with the model's intensity step.
 
 Example:
-    >>> from medx.inference import Predictor
+    >>> from medx.inference import Predictor, find_inputs
     >>> predictor = Predictor.from_checkpoint("run/checkpoints/best.ckpt", tta=True)
     >>> stream = predictor.stream(find_inputs("studies/"))
     >>> for answer in stream:
