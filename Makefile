@@ -7,7 +7,7 @@ PORT ?= 5000
 MLFLOW_DB ?= sqlite:///mlflow.db
 DOCS_PORT ?= 8000
 
-.PHONY: install train test test-slow test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu bench-cli docs docs-serve clean
+.PHONY: install train test test-slow test-all lint ui mlflow-server bench bench-pneumoniamnist bench-quality bench-lung-seg bench-kermany bench-predict bench-onnx bench-serve bench-pipeline bench-overhead bench-gpu bench-cli bench-shift bench-ui docs docs-serve clean
 
 install: $(STAMP)
 
@@ -32,12 +32,12 @@ lint: install
 	$(BIN)/ruff check medx tests benchmarks
 
 # The documentation site (mkdocs.yml, docs/): built offline, --strict (a broken link, anchor or
-# API reference fails it); docs-serve: http://127.0.0.1:8000, rebuilt as pages change.
+# API reference fails it); docs-serve: http://127.0.0.1:$(DOCS_PORT), rebuilt as pages change.
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: install
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 EXPERIMENT ?= medx
 
@@ -92,16 +92,17 @@ bench-overhead: install
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py $(ARGS)
 
+# the shift monitor's false alarms and detection power, and the stress test (needs MEDX_DATA)
+bench-shift: install
+	MEDX_DATA=$${MEDX_DATA:-../shared/data} $(BIN)/python benchmarks/shift.py $(ARGS)
+
+# how fast medx.ui prints its links, beside `import mlflow`
+bench-ui: install
+	$(BIN)/python benchmarks/ui_link.py $(ARGS)
+
 # --help of every command and one image through medx.predict, each from a cold process
 bench-cli: install
 	$(BIN)/python benchmarks/cli.py $(ARGS)
-
-# the documentation site (mkdocs.yml, docs/): built strictly (a broken link fails), or served
-docs: install
-	$(BIN)/mkdocs build --strict
-
-docs-serve: install
-	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 clean:
 	rm -rf outputs multirun site build .pytest_cache .ruff_cache

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="write compare.csv and compare.png here")
     parser.add_argument(
-        "--tracking-uri", help="the store (default: the one medx.train logs to, see README)"
+        "--tracking-uri", help="the store (default: the one medx.train logs to, see docs/mlflow.md)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -333,7 +333,12 @@ class ClinicalEvaluation(Callback):
         if reference is not None:
             found.update(_check_test(pl_module, dm, reference))
         if self.stress:
-            rows = self._stress(pl_module, dm, found.get("test/threshold_at_op"), reference)
+            # the stress test runs the plain model: its threshold is the plain one, not TTA's
+            threshold = found.get("test/threshold_at_op")
+            if self.tta and threshold is not None:
+                plain = _predict(pl_module, dm.val_dataloader(), tta=False)
+                threshold = _operating_point(plain, self.target_sensitivity, num_classes)
+            rows = self._stress(pl_module, dm, threshold, reference)
             if rows:
                 split = self.stress_split
                 found.update(stress.summary(rows, split))

@@ -33,8 +33,8 @@ from medx.evaluation.drift import ShiftReference
 log = logging.getLogger(__name__)
 
 COLUMNS = (
-    "shift", "severity", "images", "auroc", "sensitivity", "specificity", "monitor_p",
-    "ood_rate",
+    "shift", "severity", "images", "auroc", "threshold", "sensitivity", "specificity",
+    "monitor_p", "ood_rate",
 )  # fmt: skip
 
 
@@ -117,6 +117,7 @@ def _row(
     if threshold is not None and probs.shape[1] == 2:
         preds = metrics.predictions(probs, threshold)
         found = metrics.rates(labels, preds, 2)
+        row["threshold"] = float(threshold)  # raw scale, the plain model's operating point
         row["sensitivity"] = float(found["sensitivity"][0])
         row["specificity"] = float(found["specificity"][0])
     if reference is not None and feats is not None:
@@ -154,8 +155,11 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
 
 
 def _fmt(value: object, key: str) -> object:
-    """Rates to 4 decimals; p-values to 3 significant digits (0.00995 is not 0.0100)."""
+    """Rates to 4 decimals; p-values to 3 significant digits (0.00995 is not 0.0100);
+    the threshold as the card keeps it."""
     if isinstance(value, float):
+        if key == "threshold":
+            return f"{value:.6f}"
         return f"{value:.3g}" if key == "monitor_p" else f"{value:.4f}"
     return "" if value is None else value
 

@@ -70,3 +70,16 @@ def test_a_run_keeps_a_shift_reference_and_stress_tests_its_test_split(
     assert card["shift_reference"]["info"]["images"] == entry["info"]["images"]
     assert card["operating_point"] == operating_point  # nothing it shipped with changed
     assert unavailable_reason(card) is None
+
+    # with TTA the stress test still runs the plain model, so at the plain operating point
+    eval_main(
+        compose(
+            [f"ckpt_path={best}", "eval.tta=true", "eval.stress=true", "eval.bootstrap=20",
+             "eval.stress_shifts=[gamma]"],
+            "eval",
+        )
+    )  # fmt: skip
+    tables = (tmp_path / "run" / "eval").glob("*/evaluation/stress_test.csv")
+    tta_table = max(tables, key=lambda path: path.stat().st_mtime)  # the latest evaluation
+    thresholds = {r["threshold"] for r in csv.DictReader(tta_table.open())}
+    assert thresholds == {f"{operating_point['threshold']:.6f}"}
