@@ -178,6 +178,7 @@ def _state(cfg: DictConfig) -> dict[str, torch.Tensor]:
     return torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # a real multi-epoch run: CI's make test-slow
 def test_medmnist_recipe_runs(make_cfg, medx_data: Path, tmp_path: Path) -> None:
     """The real recipe (ResNet-18, 28 px stem) on the first 64 images of each official split."""
     with np.load(medx_data / "pneumoniamnist" / "pneumoniamnist.npz") as full:

@@ -23,6 +23,7 @@ from medx.quality.features import FEATURES
 from medx.train import train
 
 
+@pytest.mark.slow  # a real multi-epoch run: CI's make test-slow
 def test_cnn_checkpoint_scores_a_real_folder_as_in_testing(make_cfg, medx_data, tmp_path: Path):
     cfg = make_cfg("data=quality", "data.n_patients=30", "trainer.max_epochs=1", "test=false")
     train(cfg)  # a tiny CNN (timm's test_resnet at 64 px), one epoch

@@ -66,6 +66,7 @@ def test_lung_experiment_on_real_chest_xrays_is_tracked_in_mlflow(
         assert float(row["iou"]) == pytest.approx(d / (2 - d), abs=2e-4), row["image"]
 
 
+@pytest.mark.slow  # a real multi-epoch run: CI's make test-slow
 def test_phantom_checkpoint_predicts_masks_at_the_original_size(
     make_cfg, medx_data: Path, tmp_path: Path, capsys
 ):

@@ -486,6 +486,7 @@ def test_a_disk_that_fills_up_while_writing_falls_back_to_decoding(medx_data: Pa
     ]  # no half-written file left behind
 
 
+@pytest.mark.slow  # a real multi-epoch run: CI's make test-slow
 @pytest.mark.parametrize(
     "data",
     [

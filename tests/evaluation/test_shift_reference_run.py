@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow import MlflowClient
 
@@ -18,6 +19,7 @@ from medx.models.load import model_card
 from medx.train import train
 
 
+@pytest.mark.slow  # a real multi-epoch run: CI's make test-slow
 def test_a_run_keeps_a_shift_reference_and_stress_tests_its_test_split(
     make_cfg, tracked_runs, mlflow_client: MlflowClient, tmp_path: Path
 ):
