@@ -7,8 +7,10 @@ Labels come the two ways sites keep them:
   directly in INPUT, and folders named after no class of the model, are unmatched.
 - **a CSV file** with the columns `path,label` (a header row; more columns are ignored): a
   relative `path` is relative to the CSV file's folder, an absolute one is itself; `label`
-  is a class name of the model (or its index, 0 for the first class, when the names are not
-  digits). Inputs the CSV does not list, and labels that name no class, are unmatched.
+  is a class name of the model (exact, else in another case), or its index (0 for the first
+  class) when the names are not digits. Inputs the CSV does not list, and labels that name
+  no class, are unmatched. The CSV is read, and labels matched, as `medx.calibrate` reads a
+  site's sample (`medx.data.labelled`).
 
 `match` gives each input its class or why it has none, and `Tally` counts what metrics can be
 computed on: images matched to each class and predicted, unmatched ones (by reason), failed
@@ -18,13 +20,12 @@ computed on a silent subset, or with a class missing, would mean something else 
 
 from __future__ import annotations
 
-import csv
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medx.data.labelled import class_index, path_key, read_label_csv
 from medx.errors import DataError
 
 __all__ = ["Matching", "Tally", "from_csv", "from_folders", "match"]
@@ -99,72 +100,27 @@ def from_csv(table: Path, paths: Sequence[Path], classes: Sequence[str]) -> Matc
     Raises:
         DataError: the file cannot be read, lacks a column, or gives one path two labels.
     """
-    wanted = _read_csv(table)
+    if not table.is_file():
+        raise DataError(
+            f"--labels {table} is not a file; give a CSV file with path,label columns, or "
+            "--labels alone to label images by their class folders."
+        )
+    wanted = read_label_csv(table)
     index: list[int | None] = []
     reasons: list[str] = []
     used = set()
     for path in paths:
-        key = _key(Path(path))
+        key = path_key(Path(path))
         label = wanted.get(key)
         if label is None:
             index.append(None)
             reasons.append(f"not in {table.name}")
             continue
         used.add(key)
-        found = _class_index(label, classes)
+        found = class_index(label, classes)
         index.append(found)
         reasons.append("" if found is not None else f"label {label!r}")
     return Matching(index, reasons, len(set(wanted) - used), table.name)
-
-
-def _read_csv(table: Path) -> dict[str, str]:
-    """{absolute path: label} of a labels CSV."""
-    if not table.is_file():
-        raise DataError(
-            f"--labels {table} is not a file; give a CSV file with path,label columns, or "
-            "--labels alone to label images by their class folders."
-        )
-    try:
-        with table.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"--labels {table} cannot be read as a CSV file ({err}).") from err
-    header = [c.strip().lower() for c in rows[0]] if rows else []
-    if "path" not in header or "label" not in header:
-        raise DataError(
-            f"--labels {table} needs a header row with the columns path and label (it has "
-            f"{', '.join(header) or 'none'}): one row per image, e.g. NORMAL/im1.png,NORMAL."
-        )
-    at, label_at = header.index("path"), header.index("label")
-    labels: dict[str, str] = {}
-    for number, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) <= max(at, label_at):
-            raise DataError(f"--labels {table}, line {number}: the row has no path or label.")
-        text, label = row[at].strip(), row[label_at].strip()
-        path = Path(text) if os.path.isabs(text) else table.parent / text
-        key = _key(path)
-        if labels.get(key, label) != label:
-            raise DataError(
-                f"--labels {table}, line {number}: {text} is labelled both {labels[key]!r} and "
-                f"{label!r}; give each image one label."
-            )
-        labels[key] = label
-    return labels
-
-
-def _key(path: Path) -> str:
-    return os.path.normcase(os.path.realpath(path))
-
-
-def _class_index(label: str, classes: Sequence[str]) -> int | None:
-    if label in classes:
-        return list(classes).index(label)
-    by_index = not any(c.isdigit() for c in classes)  # names "0", "1": the names decide
-    if by_index and label.isdigit() and int(label) < len(classes):
-        return int(label)
-    return None
 
 
 @dataclass
