@@ -19,6 +19,8 @@ Usage: MEDX_DATA=/path python benchmarks/kermany.py [--recipe kermany_cpu] [--fo
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -53,27 +55,55 @@ def run(
     env_extra: dict[str, str] | None = None,
 ) -> dict:
     """One `medx.train` run in its own folder under `home` (its own sqlite store, so that runs
-    at once never contend for one), the decoded-image cache shared; its MLflow metrics."""
+    at once never contend for one), the decoded-image cache shared; its MLflow metrics and its
+    best checkpoint (`ckpt`). A run already finished in `home` with the same composed config
+    (overrides and the recipe's files as they are now) is read back instead of trained again
+    (`--home`: a comparison stopped half-way resumes; an edited recipe trains again)."""
     shared_cache = home / ".cache" / "medx"
     home = home / name
     home.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{home}/mlflow.db"
     env = {**os.environ, "MEDX_HOME": str(home), "MLFLOW_TRACKING_URI": uri, **(env_extra or {})}
-    command = [
-        sys.executable, "-m", "medx.train", f"experiment={recipe}", f"data.root={data_root}",
+    overrides = [
+        f"experiment={recipe}", f"data.root={data_root}",
         f"logger.experiment_name={EXPERIMENT}", f"logger.run_name={name}",
         "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null",
         f"paths.cache_dir={shared_cache}", *extra,
     ]  # fmt: skip
+    config = recipe_config(overrides)
+    record = home / "result.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["overrides"] == overrides and saved.get("config") == config:
+            return saved["metrics"]
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, cwd=home, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "medx.train", *overrides],
+        check=True, env=env, cwd=home, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    (found,) = client.search_runs([experiment], filter_string=f"tags.mlflow.runName = '{name}'")
+    found = client.search_runs([experiment], filter_string=f"tags.mlflow.runName = '{name}'")[0]
     history = client.get_metric_history(found.info.run_id, "val/auroc")  # the selection metric
     best = {"val/auroc_best": max(m.value for m in history)} if history else {}
-    return {**found.data.metrics, **best, "minutes": minutes}
+    (ckpt,) = sorted(home.glob("outputs/*/*/checkpoints/epoch*.ckpt"))[-1:]
+    metrics = {**found.data.metrics, **best, "minutes": minutes, "ckpt": str(ckpt)}
+    record.write_text(
+        json.dumps({"overrides": overrides, "config": config, "metrics": metrics}, indent=1)
+    )
+    return metrics
+
+
+def recipe_config(overrides: list[str]) -> str:
+    """The run's config as `medx.train` composes it (interpolations unresolved: no clock)."""
+    from omegaconf import OmegaConf
+
+    from medx.config import compose
+
+    cfg = OmegaConf.to_container(compose(overrides))
+    cfg.pop("hydra", None)  # Hydra's own section: the run's folder and clock, not the recipe
+    return OmegaConf.to_yaml(cfg)
 
 
 def show(m: dict, label: str) -> None:
@@ -112,33 +142,142 @@ FOLD_KEYS = (
     "val/specificity_at_op",
     "val/nll_calibrated",
 )
-STRESS_KEYS = ("val/stress_auroc_s2", "val/stress_auroc_worst")  # --stress: on the val fold
+# --stress with --folds: the fold models re-read on their val fold (benchmarks/fold_eval.py)
+POSTHOC_KEYS = (
+    "auroc", "threshold", "sens", "spec", "stress/auroc_worst", "stress/sens_worst",
+    "stress/spec_worst", "stress/spec_mean",
+)  # fmt: skip
 
 
-def folds(
-    recipe: str, root: Path, home: Path, name: str, k: int, extra: list[str], jobs: int = 1
-) -> list[dict]:
-    """The recipe on each of `k` patient-grouped folds (the carved test split fixed), `jobs` at a
-    time (one torch thread each: two 1-thread runs use 2 CPUs better than one 2-thread run)."""
-
-    def one(fold: int) -> dict:
-        in_process = [] if jobs == 1 else ["data.num_workers=0"]  # no loader workers
-        return run(
-            recipe,
-            root,
-            home,
-            f"{name}-fold{fold}",
-            [f"data.folds={k}", f"data.fold={fold}", *in_process, *extra],
-            {"OMP_NUM_THREADS": "1"} if jobs > 1 else {},
-        )
-
-    with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(one, range(k)))
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "variant"
 
 
 def spread(found: list[dict], key: str) -> str:
-    values = np.array([f.get(key, np.nan) for f in found])
+    values = np.array([f.get(key, np.nan) for f in found], dtype=float)
     return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
+
+
+def table(title: str, rows: list[tuple[str, list[dict]]], keys: list[str], names=None) -> None:
+    """A markdown table of mean ± sd over folds, one row per (label, per-fold dicts)."""
+    print(f"\n{title}")
+    print(f"| variant | {' | '.join(names or keys)} |")
+    print(f"|---|{'---|' * len(keys)}")
+    for label, found in rows:
+        print(f"| {label} | {' | '.join(spread(found, k) for k in keys)} |")
+
+
+def posthoc(
+    home: Path, label: str, ckpts: list[list[str]], tta: bool, args: argparse.Namespace
+) -> list[dict]:
+    """`fold_eval.evaluate` of each fold's model(s), cached in `home/posthoc` (reruns reprint)."""
+    import fold_eval  # benchmarks/fold_eval.py: torch and medx, imported when needed
+
+    found = []
+    for fold, members in enumerate(ckpts):
+        plan = {"ckpts": members, "tta": tta, "images": args.stress_images,
+                "severities": args.severities, "stress": args.stress}  # fmt: skip
+        key = hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+        cache = home / "posthoc" / f"{key}.json"
+        if not cache.is_file():
+            start = time.perf_counter()
+            summary, rows = fold_eval.evaluate(
+                fold_eval.model([Path(c) for c in members], tta),
+                fold_eval.val_fold(Path(members[0])),
+                args.stress_images,
+                args.severities,
+                fold_eval.FAMILIES if args.stress else (),
+            )
+            summary["eval_minutes"] = (time.perf_counter() - start) / 60
+            cache.parent.mkdir(exist_ok=True)
+            cache.write_text(json.dumps({**plan, "summary": summary, "rows": rows}, indent=1))
+        summary = json.loads(cache.read_text())["summary"]
+        print(
+            f"    {label} fold {fold}: "
+            + ", ".join(
+                f"{k} {summary.get(k, np.nan):.4f}" for k in (*POSTHOC_KEYS, "eval_minutes")
+            ),
+            flush=True,
+        )
+        found.append(summary)
+    return found
+
+
+def compare(args: argparse.Namespace, extra: list[str], root: Path, home: Path) -> None:
+    """Variants on the same patient-grouped folds, all (variant, fold) runs `jobs` at a time
+    (one torch thread each: two 1-thread runs use 2 CPUs better than one 2-thread run);
+    with --stress / --tta / --ensemble, the fold models re-read on their val fold."""
+    variants = [("recipe", "")] + [v.partition("=")[::2] for v in args.variant]
+    names = [n for n, _ in variants]
+    k = args.folds
+    print(
+        f"{args.recipe} {' '.join(extra)}: {k} patient-grouped folds, mean ± sd over folds "
+        "(validation only: nothing here looks at a test split)",
+        flush=True,
+    )
+
+    def one(name: str, overrides: str, fold: int) -> dict:
+        in_process = [] if args.jobs == 1 else ["data.num_workers=0"]  # no loader workers
+        return run(
+            args.recipe,
+            root,
+            home,
+            f"{slug(name)}-fold{fold}",
+            [f"data.folds={k}", f"data.fold={fold}", *in_process, *extra, *overrides.split()],
+            {"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {},
+        )
+
+    trained: dict[str, list[dict]] = {}
+    evaluated: list[tuple[str, list[dict]]] = []
+    single = args.stress or args.tta or args.ensemble
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {(n, f): pool.submit(one, n, o, f) for n, o in variants for f in range(k)}
+        for name in names:
+            found = trained[name] = [futures[(name, f)].result() for f in range(k)]
+            for f in found:
+                print(
+                    f"    {name} fold: "
+                    + ", ".join(f"{x} {f.get(x, np.nan):.4f}" for x in (*FOLD_KEYS, "minutes")),
+                    flush=True,
+                )
+            if single:
+                evaluated.append(
+                    (name, posthoc(home, name, [[f["ckpt"]] for f in found], False, args))
+                )
+    for name in args.tta:
+        ckpts = [[f["ckpt"]] for f in trained[name]]
+        evaluated.append((f"{name} + TTA", posthoc(home, f"{name} + TTA", ckpts, True, args)))
+    for spec in args.ensemble:
+        label, _, members = spec.partition("=")
+        ckpts = [[trained[m][f]["ckpt"] for m in members.split("+")] for f in range(k)]
+        evaluated.append((label, posthoc(home, label, ckpts, False, args)))
+
+    labels = {n: f"{n} {o}".strip() for n, o in variants}
+    table(
+        "Training (MLflow: val AUROC of the best epoch; the threshold chosen on val for "
+        "sensitivity 0.95 and val specificity at it; val NLL after temperature scaling)",
+        [(labels[n], trained[n]) for n in names],
+        [*FOLD_KEYS, "minutes"],
+    )
+    if not evaluated:
+        return
+    table(
+        f"Best checkpoint re-read on its val fold (clean: whole fold; stress: "
+        f"{args.stress_images or 'all'} images of it, severities {args.severities}; "
+        "worst over shifts and severities, at the clean val-chosen threshold)",
+        evaluated,
+        list(POSTHOC_KEYS),
+    )
+    if args.stress:
+        from fold_eval import FAMILIES
+
+        for what in ("auroc", "spec", "sens"):
+            table(
+                f"Stress, worst {what} per shift family (at the val-chosen threshold)",
+                evaluated,
+                [f"{s}/{what}" for s in FAMILIES],
+                list(FAMILIES),
+            )
 
 
 def main() -> None:
@@ -150,49 +289,52 @@ def main() -> None:
         help="with --folds: compare variants of the recipe on the same folds, e.g. "
         "--variant 'no CLAHE=data.intensity=none' (overrides separated by spaces); repeatable",
     )  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=1, help="folds trained at once")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once")
     parser.add_argument(
-        "--stress", action="store_true", help="the acquisition-shift stress test (eval.stress)"
+        "--stress", action="store_true",
+        help="the acquisition-shift stress test (eval.stress): on the test split for one run; "
+        "with --folds, on each fold model's val fold (benchmarks/fold_eval.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tta", action="append", default=[], metavar="VARIANT",
+        help="with --folds: also evaluate this variant's fold models with TTA; repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ensemble", action="append", default=[], metavar="NAME=A+B",
+        help="with --folds: the mean probability of variants A and B's models of each fold "
+        "(e.g. the recipe and the recipe with another seed), on that fold's val; repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stress-images", type=int, default=0,
+        help="with --folds --stress: a stratified subsample of each val fold (0: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--severities", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3],
+        help="with --folds --stress: the severities to apply, e.g. 2,3 (default 1,2,3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="keep the runs here (default: a temporary folder); runs found there are reused",
     )
     args, extra = parser.parse_known_args()
-    keys = FOLD_KEYS + (STRESS_KEYS if args.stress and args.folds > 1 else ())
-    if args.stress:  # folds: stress-test the val fold, so that nothing looks at a test split
-        extra += ["eval.stress=true"] + (["eval.stress_split=val"] if args.folds > 1 else [])
+    if args.stress and args.folds <= 1:  # one run: medx's own stress test of the test split
+        extra += ["eval.stress=true"]
     medx_data = Path(os.environ.get("MEDX_DATA", "../shared/data")).resolve()
     train_dir = medx_data / "chest_xray" / "train"
     if not train_dir.is_dir():
         sys.exit(f"MEDX_DATA={medx_data} has no chest_xray/train: set MEDX_DATA")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "chest_xray"
-        root.mkdir()
-        (root / "train").symlink_to(train_dir)  # val/ and test/ absent: carved by patient
+        home = (args.home or Path(tmp)).resolve()
+        root = home / "chest_xray"
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "train").exists():  # val/ and test/ absent: carved by patient
+            (root / "train").symlink_to(train_dir)
         if args.folds <= 1:
-            show(run(args.recipe, root, Path(tmp), args.recipe, extra), args.recipe)
+            show(run(args.recipe, root, home, args.recipe, extra), args.recipe)
         else:
-            variants = [("recipe", "")] + [v.partition("=")[::2] for v in args.variant]
-            print(
-                f"{args.recipe} {' '.join(extra)}: {args.folds} patient-grouped folds, "
-                "mean ± sd over folds (validation only: nothing here looks at a test split)"
-            )
-            print(f"| variant | {' | '.join(keys)} | minutes a fold |")
-            print(f"|---|{'---|' * len(keys)}---|")
-            for i, (name, overrides) in enumerate(variants):
-                found = folds(
-                    args.recipe,
-                    root,
-                    Path(tmp),
-                    f"v{i}",
-                    args.folds,
-                    [*extra, *overrides.split()],
-                    args.jobs,
-                )
-                cells = " | ".join(spread(found, key) for key in keys)
-                print(f"| {name} {overrides} | {cells} | {spread(found, 'minutes')} |", flush=True)
-                for f in found:
-                    print(
-                        "    fold: "
-                        + ", ".join(f"{k} {f.get(k, np.nan):.4f}" for k in (*keys, "minutes"))
-                    )
+            compare(args, extra, root, home)
     print("published (BENCHMARKS.md):")
     for line in reference_lines():
         print(f"  - {line}")
