@@ -473,3 +473,12 @@ def test_cli_shows_config_and_choices():
         ("debug", "fdr"),
     ]:
         assert group in help_text and choice in help_text
+
+
+def test_configs_compose_from_several_threads_at_once():
+    """A benchmark trains fold runs from a thread pool and composes each run's config."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        cfgs = list(pool.map(lambda f: compose([f"data.fold={f}"]), range(8)))
+    assert [c.data.fold for c in cfgs] == list(range(8))
