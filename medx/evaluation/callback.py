@@ -30,7 +30,7 @@ from medx.data.acquisition import check_shifts
 from medx.data.shifted import ShiftedImages
 from medx.errors import ConfigError
 from medx.evaluation import calibration, metrics, plots, stress
-from medx.evaluation.drift import MIN_VAL_IMAGES, ShiftReference
+from medx.evaluation.drift import MIN_VAL_IMAGES, ShiftReference, reference_scores
 from medx.evaluation.tta import tta_logits
 from medx.models.load import update_card
 from medx.tracking import runs
@@ -384,7 +384,7 @@ class ClinicalEvaluation(Callback):
         feats, probs = _split_features(module, dm, "val")
         return ShiftReference.fit(
             feats,
-            _score(probs),
+            reference_scores(probs),
             seed=self.seed,
             fitted_on="val",
             feature="penultimate layer (timm forward_head pre_logits)",
@@ -409,10 +409,6 @@ class ClinicalEvaluation(Callback):
             module, paths, labels, size, intensity, threshold, self.stress_shifts, reference,
             seed=self.seed,
         )  # fmt: skip
-
-
-def _score(probs: np.ndarray) -> np.ndarray:
-    return probs[:, 1] if probs.shape[1] == 2 else probs.max(1)
 
 
 def _reading(dm: L.LightningDataModule, split: str) -> tuple | None:
@@ -446,7 +442,7 @@ def _check_test(
 ) -> dict[str, float]:
     """The monitor on the test split: in distribution, it should not fire."""
     feats, probs = _split_features(module, dm, "test")
-    report = reference.test(feats, _score(probs))
+    report = reference.test(feats, reference_scores(probs))
     log.info("Test split against the val reference: %s", report.summary())
     return {
         "test/shift_p_value": report.p_value,

@@ -307,6 +307,12 @@ class ShiftReference:
         )
 
 
+def reference_scores(probs: np.ndarray) -> np.ndarray:
+    """What the reference keeps of each image's softmax probabilities (n, classes), and what
+    new images are compared on: p(class 1) of a binary model, else the top probability."""
+    return probs[:, 1] if probs.shape[1] == 2 else probs.max(1)
+
+
 def ood_score(coordinates: np.ndarray) -> np.ndarray:
     """Mean square of the standardised coordinates: T² plus squared residual, over k + 1."""
     return np.mean(np.asarray(coordinates) ** 2, axis=1)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from medx.data.acquisition import SEVERITIES, check_shifts
 from medx.data.shifted import ShiftedImages
 from medx.evaluation import calibration, metrics
-from medx.evaluation.drift import ShiftReference
+from medx.evaluation.drift import ShiftReference, reference_scores
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,9 @@ def _row(
         row["sensitivity"] = float(found["sensitivity"][0])
         row["specificity"] = float(found["specificity"][0])
     if reference is not None and feats is not None:
-        report = reference.test(feats, _scores(probs))
+        report = reference.test(feats, reference_scores(probs))
         row["monitor_p"], row["ood_rate"] = report.p_value, report.ood_rate
     return row
-
-
-def _scores(probs: np.ndarray) -> np.ndarray:
-    """What the reference keeps of each image: p(class 1), or the top probability."""
-    return probs[:, 1] if probs.shape[1] == 2 else probs.max(1)
 
 
 def summary(rows: Sequence[dict], split: str = "test") -> dict[str, float]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from medx.errors import ConfigError, DataError, MedxError
+from medx.evaluation.drift import reference_scores
 from medx.inference.decision import Decision, DecisionRule
 from medx.inference.opening import (
     backend_of,
@@ -510,7 +511,7 @@ class Predictor:
 
                 logits = tta_logits(self.model, x, identity=logits)
             probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
-        scores = raw[:, 1] if raw.shape[1] == 2 else raw.max(1)
+        scores = reference_scores(raw)
         return probs, (features.float().cpu().numpy(), scores)
 
     def _mark_shift(self, results: list[Prediction], features: np.ndarray, scores: np.ndarray):
