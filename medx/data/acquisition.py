@@ -23,24 +23,16 @@ import cv2
 import numpy as np
 
 from medx.errors import ConfigError
+from medx.quality.degradations import down_and_up, scaled_length, to_uint8
 
 SEVERITIES = 3  # graded 1 (barely visible) .. 3 (obvious)
 
 Shift = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
 
-def _px(img: np.ndarray, length: float) -> float:
-    """A length given for a 256-px-wide image, scaled to this image."""
-    return length * img.shape[1] / 256
-
-
-def _to_u8(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
 def _curve(img: np.ndarray, unit_curve: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """A tone curve on [0, 1] applied through a 256-entry lookup table."""
-    lut = _to_u8(255 * unit_curve(np.linspace(0.0, 1.0, 256)))
+    lut = to_uint8(255 * unit_curve(np.linspace(0.0, 1.0, 256)))
     return cv2.LUT(img, lut)
 
 
@@ -60,26 +52,21 @@ def contrast(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.nda
 
 def blur(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """A softer detector or a smoothing filter: Gaussian σ = 0.8, 1.6, 3 px (256-px reference)."""
-    return cv2.GaussianBlur(img, (0, 0), _px(img, (0.8, 1.6, 3.0)[severity - 1]))
+    return cv2.GaussianBlur(img, (0, 0), scaled_length(img, (0.8, 1.6, 3.0)[severity - 1]))
 
 
 def noise(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """A lower dose or a noisier detector: additive Gaussian noise, σ = 4, 8, 16 gray levels."""
     sigma = (4.0, 8.0, 16.0)[severity - 1]
     gray = img[..., 0] if img.ndim == 3 else img
-    noisy = _to_u8(gray + rng.normal(0.0, sigma, gray.shape))
+    noisy = to_uint8(gray + rng.normal(0.0, sigma, gray.shape))
     return np.repeat(noisy[..., None], img.shape[2], 2) if img.ndim == 3 else noisy
 
 
 def resolution(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """A coarser detector or an archived thumbnail: down by 2, 3, 5 (area), back up
     bilinearly."""
-    factor = (2.0, 3.0, 5.0)[severity - 1]
-    h, w = img.shape[:2]
-    small = cv2.resize(
-        img, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA
-    )
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return down_and_up(img, (2.0, 3.0, 5.0)[severity - 1])
 
 
 def crop(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:

@@ -19,23 +19,34 @@ from medx.errors import ConfigError
 Degradation = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
 
-def _px(img: np.ndarray, length: float) -> float:
-    """A length given for a 256-px-wide image, scaled to this image."""
+def scaled_length(img: np.ndarray, length: float) -> float:
+    """A length given for a 256-px-wide image, scaled to this image (also
+    `medx.data.acquisition`'s unit)."""
     return length * img.shape[1] / 256
 
 
-def _to_u8(values: np.ndarray) -> np.ndarray:
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Gray levels rounded and clipped to uint8."""
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def down_and_up(img: np.ndarray, factor: float) -> np.ndarray:
+    """Shrunk by `factor` (area) and scaled back to its size (bilinear): resolution lost."""
+    h, w = img.shape[:2]
+    small = cv2.resize(
+        img, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA
+    )
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def gaussian_blur(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Defocus / patient motion in all directions: σ from 1.2 to 4 px (256-px reference)."""
-    return cv2.GaussianBlur(img, (0, 0), _px(img, 1.2 + 2.8 * severity))
+    return cv2.GaussianBlur(img, (0, 0), scaled_length(img, 1.2 + 2.8 * severity))
 
 
 def motion_blur(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Breathing or patient motion: a line kernel of 4 to 16 px at a random angle."""
-    length = max(3, round(_px(img, 4 + 12 * severity)))
+    length = max(3, round(scaled_length(img, 4 + 12 * severity)))
     kernel = np.zeros((length, length), np.float32)
     kernel[length // 2, :] = 1.0
     angle = float(rng.uniform(0, 180))
@@ -47,32 +58,32 @@ def motion_blur(img: np.ndarray, severity: float, rng: np.random.Generator) -> n
 def gaussian_noise(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Electronic (read-out) noise: additive, σ from 4 to 25 gray levels."""
     sigma = 4 + 21 * severity
-    return _to_u8(img + rng.normal(0.0, sigma, img.shape))
+    return to_uint8(img + rng.normal(0.0, sigma, img.shape))
 
 
 def poisson_noise(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Quantum noise of a low dose: counts ~ Poisson(I·peak), peak from 400 to 15 photons."""
     peak = 400 * (15 / 400) ** severity
     counts = rng.poisson(img.astype(np.float64) / 255 * peak)
-    return _to_u8(counts / peak * 255)
+    return to_uint8(counts / peak * 255)
 
 
 def low_contrast(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Scatter / wrong windowing: intensities pulled toward the mean, to 55% .. 20% contrast."""
     factor = 0.55 - 0.35 * severity
     mean = float(img.mean())
-    return _to_u8(mean + (img.astype(np.float32) - mean) * factor)
+    return to_uint8(mean + (img.astype(np.float32) - mean) * factor)
 
 
 def underexposure(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Too dark: gamma 1.6 .. 3 and gain 0.7 .. 0.35, crushing the dark end."""
     unit = img.astype(np.float32) / 255
-    return _to_u8(255 * unit ** (1.6 + 1.4 * severity) * (0.7 - 0.35 * severity))
+    return to_uint8(255 * unit ** (1.6 + 1.4 * severity) * (0.7 - 0.35 * severity))
 
 
 def overexposure(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Burnt out: gain 1.4 .. 2.2 plus offset, saturating the bright end."""
-    return _to_u8(img.astype(np.float32) * (1.4 + 0.8 * severity) + 20 + 40 * severity)
+    return to_uint8(img.astype(np.float32) * (1.4 + 0.8 * severity) + 20 + 40 * severity)
 
 
 def jpeg(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
@@ -84,12 +95,7 @@ def jpeg(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarr
 
 def downsample(img: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     """Low resolution upscaled for display: down by 2.5 .. 6 (area), back up bilinearly."""
-    factor = 2.5 + 3.5 * severity
-    h, w = img.shape
-    small = cv2.resize(
-        img, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA
-    )
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return down_and_up(img, 2.5 + 3.5 * severity)
 
 
 DEGRADATIONS: dict[str, Degradation] = {
