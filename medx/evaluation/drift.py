@@ -292,7 +292,9 @@ class ShiftReference:
     @classmethod
     def from_dict(cls, entry: dict[str, Any]) -> ShiftReference:
         if entry.get("version") != VERSION:
-            raise ValueError(f"shift reference version {entry.get('version')} (this medx: 1)")
+            raise ValueError(
+                f"shift reference version {entry.get('version')} (this medx: {VERSION})"
+            )
         return cls(
             mean=decode(entry["mean"]),
             components=decode(entry["components"]),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,7 +51,6 @@ class SiteCalibration:
     specificity_ci: tuple[float, float]
     sensitivity: float  # on the sample itself, at the new threshold (in-sample)
     specificity: float
-    warnings: list[str] = field(default_factory=list)
 
 
 def check_sample(labels: np.ndarray, class_names: Sequence[str], source: str) -> list[str]:

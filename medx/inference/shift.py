@@ -62,17 +62,27 @@ class ShiftUnavailable(MedxError):
 
 def unavailable_reason(card: Any, model: str = "this model") -> str | None:
     """Why the card gives no monitor (one line saying how to add one), or None if it does."""
+    return _read_reference(card, model)[1]
+
+
+def _read_reference(card: Any, model: str) -> tuple[ShiftReference | None, str | None]:
+    """(the card's shift reference, None), or (None, why there is none), decoded once."""
     entry = _entry(card, "shift_reference")
     if entry:
         try:
-            ShiftReference.from_dict(entry)
+            return ShiftReference.from_dict(entry), None
         except (KeyError, ValueError, TypeError) as err:
-            return f"{model}: its shift reference cannot be read ({err}); {_ADD.format(model)}"
-        return None
+            return (
+                None,
+                f"{model}: its shift reference cannot be read ({err}); {_ADD.format(model)}",
+            )
     task = _entry(card, "module") or ""
     if task and not task.endswith("ClassificationModule"):
-        return f"{model} is no image classifier: the shift monitor is for classifiers only."
-    return f"{model} has no shift reference, so the shift monitor is off; {_ADD.format(model)}"
+        return None, f"{model} is no image classifier: the shift monitor is for classifiers only."
+    return (
+        None,
+        f"{model} has no shift reference, so the shift monitor is off; {_ADD.format(model)}",
+    )
 
 
 _ADD = (
@@ -120,10 +130,10 @@ class ShiftMonitor:
             model: how the reason names the model.
             **options: `ShiftMonitor` arguments (window, min_images, significance, ...).
         """
-        reason = unavailable_reason(card, model)
-        if reason:
+        reference, reason = _read_reference(card, model)
+        if reference is None:
             raise ShiftUnavailable(reason)
-        return cls(ShiftReference.from_dict(_entry(card, "shift_reference")), **options)
+        return cls(reference, **options)
 
     def ood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per image: (OOD score, flag). About 1 for a typical validation image.
@@ -249,10 +259,10 @@ def monitor_for(
             f"{source} ({type(model).__name__}) has no feature space: the shift monitor is for "
             "single image classifiers (ClassificationModule)."
         )
-    reason = unavailable_reason(model.card, source)
-    if reason:
-        return None, reason
-    return ShiftMonitor.from_card(model.card, source, **options), None
+    try:
+        return ShiftMonitor.from_card(model.card, source, **options), None
+    except ShiftUnavailable as err:
+        return None, str(err)
 
 
 def _entry(card: Any, key: str) -> Any:
