@@ -72,8 +72,9 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--target-sensitivity={args.target_sensitivity} must be in (0, 1].")
     if args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a folder; give the new checkpoint's file name.")
-    source = _resolve(args.model)
-    model = open_model(args.model)
+    source = _resolve(args.model)  # once: the file calibrated is the file copied
+    model = open_model(source)
+    model.card["checkpoint"] = str(args.model)  # named as given, as open_model(URI) does
     if backend_of(model) == "onnxruntime":
         raise ConfigError(
             f"{args.model} is an ONNX export; medx.calibrate writes a new checkpoint: give the "
@@ -134,7 +135,10 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resolve(model: str) -> Path:
-    if model.startswith("models:/"):
+    """The local file of a checkpoint path or a `models:/` URI (an alias read once)."""
+    from medx.inference.opening import is_model_uri
+
+    if is_model_uri(model):
         from medx.tracking.registry import resolve_model_uri
 
         return Path(resolve_model_uri(model))
